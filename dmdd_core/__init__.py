@@ -1,0 +1,11 @@
+"""dmdd_core: DMDD (Dual-Modeling Decouple Distillation, ACM MM 2024) for unsupervised anomaly detection.
+
+Read in the order the data flows: ``config`` -> ``data`` and ``synthesis`` -> ``model`` and ``losses`` ->
+``train`` -> ``infer`` -> ``metrics`` -> ``plots``; ``cli`` wires them together.
+"""
+
+from .config import DMDDConfig, is_fast_mode
+from .model import DMDD, DMDDOutput
+
+__all__ = ["DMDD", "DMDDConfig", "DMDDOutput", "is_fast_mode", "__version__"]
+__version__ = "0.1.0"

@@ -1,0 +1,210 @@
+"""One configuration dataclass for the whole method, with named presets.
+
+Every field carries its provenance, as in the method card (docs/METHOD.md):
+
+- [paper]   stated by the DMDD paper (Liu et al., ACM MM 2024, arXiv 2408.03888);
+- [DeSTSeg] a fact of DeSTSeg (Zhang et al., CVPR 2023), the method DMDD extends;
+- [ours]    a choice this package makes where the paper is silent. Each one is a field, so the ablation
+            notebook can switch it.
+
+Presets: ``paper`` is the full setting of the method card, ``fast`` trains in about two minutes on two CPU
+cores, ``smoke`` runs a handful of steps (tests).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+TeacherName = Literal["auto", "resnet18", "wide_resnet50_2", "tf_efficientnet_lite0"] | str
+
+
+@dataclass
+class DMDDConfig:
+    """All settings of a DMDD run. Build one with :meth:`preset` and override fields with :meth:`replace`."""
+
+    # --- data and synthesis ---------------------------------------------------------------------------------
+    image_size: int = 256
+    """Side of the square network input; every image is resized to it. [DeSTSeg: 256]"""
+    beta_max: float = 0.8
+    """Synthetic anomaly opacity: beta ~ U(0, beta_max) keeps that share of the original image. [DeSTSeg]"""
+    perlin_max_scale_exp: int = 5
+    """Perlin noise scale 2^k per axis with k in 0..perlin_max_scale_exp (clipped to the image). [DeSTSeg]"""
+    perlin_threshold: float = 0.5
+    """Perlin noise above this becomes the anomaly mask. [DeSTSeg]"""
+    rotate: bool = True
+    """Apply the per-category rotation policy before synthesis (METHOD.md section 1). [DeSTSeg]"""
+    texture_dir: str | None = None
+    """Folder of texture images (DTD in the paper's setting); None: the offline textures shipped with
+    installed packages plus procedural ones. [ours]"""
+
+    # --- teacher ---------------------------------------------------------------------------------------------
+    teacher: TeacherName = "auto"
+    """timm backbone name, or "auto": resnet18 if its weights can be had, else tf_efficientnet_lite0 (offline).
+    [DeSTSeg: resnet18; the paper's backbone is not confirmed]"""
+    teacher_weights: str | None = None
+    """Explicit weight file for the teacher (first choice of the weight sources). [ours]"""
+    teacher_pretrained: bool = True
+    """False gives a randomly initialised teacher: a test-only option, never a real run."""
+
+    # --- student and decoupling ------------------------------------------------------------------------------
+    student: str = "resnet18"
+    """Student encoder, randomly initialised. [DeSTSeg]"""
+    decouple: bool = True
+    """Split the student's features into normality and abnormality branches. [paper] False: DeSTSeg's student."""
+    decouple_hidden_mult: int = 2
+    """Decouple head width: a 1x1 conv C -> mult*C, BN, ReLU, a 1x1 conv, then split in two halves. [ours]"""
+
+    # --- losses ----------------------------------------------------------------------------------------------
+    aim: bool = True
+    """Train the abnormality branch with Abnormality Inverse Mimicking. [paper] Needs decouple=True."""
+    aim_weight: float = 1.0
+    """lambda in L = L_NGM + lambda * L_AIM. [ours]"""
+    aim_margin: float = 0.0
+    """m in max(0, cos(F_a, T) - m) inside the anomaly. [ours]"""
+    aim_normal_term: bool = True
+    """Also pull the abnormality features to the teacher outside the anomaly. [ours]"""
+    aim_teacher_image: Literal["augmented", "original"] = "augmented"
+    """Which image the teacher sees for AIM: the anomalous one (what exists at test time) or the normal one.
+    [ours]"""
+    ngm_region: Literal["all", "normal"] = "all"
+    """Average NGM over all pixels (DeSTSeg's denoising loss) or over normal pixels only. [ours]"""
+
+    # --- segmentation network --------------------------------------------------------------------------------
+    msn: bool = True
+    """Multi-perception segmentation network on both branches with attention. [paper] False: DeSTSeg's head
+    on the normality branch."""
+    seg_channels: int = 256
+    """Width of the segmentation body. [DeSTSeg]"""
+    aspp_rates: tuple[int, int, int] = (6, 12, 18)
+    """Atrous rates of the multi-receptive-field block. [DeSTSeg]"""
+    focal_gamma: float = 4.0
+    """Focal loss exponent. [DeSTSeg]"""
+
+    # --- training --------------------------------------------------------------------------------------------
+    stage1_steps: int = 1000
+    """Student distillation steps (segmentation net untouched). [DeSTSeg]"""
+    stage2_steps: int = 4000
+    """Segmentation steps with the student frozen. [DeSTSeg: steps 1001..5000]"""
+    batch_size: int = 32
+    lr_student: float = 0.4
+    lr_seg: float = 0.1
+    lr_seg_head: float = 0.01
+    momentum: float = 0.9
+    weight_decay: float = 1e-4
+    seed: int = 0
+    checkpoint_every: int = 250
+    """Steps between checkpoints; the last step is always written. Checkpoint rule: the last step. [ours]"""
+    num_workers: int = 0
+    """DataLoader workers; 0 loads in the main process."""
+
+    # --- inference -------------------------------------------------------------------------------------------
+    top_k: int = 100
+    """Image score: mean of the top-k pixels of the anomaly map (k scaled with the map area). [DeSTSeg: 100
+    at 256^2]"""
+
+    # --- device ----------------------------------------------------------------------------------------------
+    device: str = "auto"
+    """"auto" picks CUDA when available, else CPU."""
+    amp: bool = False
+    """bf16 autocast on CUDA. [ours]"""
+    channels_last: bool = False
+    """channels_last memory format on CUDA. [ours]"""
+
+    preset_name: str = field(default="paper", compare=False)
+
+    # ---------------------------------------------------------------------------------------------------------
+    def __post_init__(self) -> None:
+        if isinstance(self.aspp_rates, list):
+            self.aspp_rates = tuple(self.aspp_rates)  # type: ignore[assignment]
+        self.validate()
+
+    def validate(self) -> None:
+        """Raise ValueError naming the field when a combination cannot work."""
+        if self.image_size < 32 or self.image_size % 32:
+            raise ValueError(f"image_size must be a multiple of 32 and >= 32, got {self.image_size}")
+        if self.aim and not self.decouple:
+            raise ValueError("aim=True needs decouple=True: AIM trains the abnormality branch")
+        if self.msn and not self.decouple:
+            raise ValueError("msn=True needs decouple=True: it fuses both branches (use msn=False for DeSTSeg)")
+        if self.stage1_steps < 0 or self.stage2_steps < 0:
+            raise ValueError("stage1_steps and stage2_steps must be >= 0")
+        if self.batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {self.batch_size}")
+        if not 0.0 <= self.beta_max < 1.0:
+            raise ValueError(f"beta_max must be in [0, 1), got {self.beta_max}")
+        if self.aim_teacher_image not in ("augmented", "original"):
+            raise ValueError(f"aim_teacher_image must be 'augmented' or 'original', got {self.aim_teacher_image!r}")
+        if self.ngm_region not in ("all", "normal"):
+            raise ValueError(f"ngm_region must be 'all' or 'normal', got {self.ngm_region!r}")
+
+    @property
+    def total_steps(self) -> int:
+        return self.stage1_steps + self.stage2_steps
+
+    # --- presets ---------------------------------------------------------------------------------------------
+    @classmethod
+    def preset(cls, name: str = "paper", **overrides: Any) -> DMDDConfig:
+        """A named preset (``paper``, ``fast``, ``smoke``, ``destseg``) with optional field overrides."""
+        if name not in PRESETS:
+            raise ValueError(f"unknown preset {name!r}; choose one of {sorted(PRESETS)}")
+        values = dict(PRESETS[name])
+        values.update(overrides)
+        return cls(preset_name=name, **values)
+
+    @classmethod
+    def from_env(cls, **overrides: Any) -> DMDDConfig:
+        """``fast`` when the environment sets DMDD_FAST=1 (CI, tests), else ``paper``."""
+        return cls.preset("fast" if is_fast_mode() else "paper", **overrides)
+
+    def replace(self, **changes: Any) -> DMDDConfig:
+        unknown = set(changes) - {f.name for f in dataclasses.fields(self)}
+        if unknown:
+            raise ValueError(f"unknown config field(s): {sorted(unknown)}")
+        return dataclasses.replace(self, **changes)
+
+    def to_dict(self) -> dict[str, Any]:
+        d = dataclasses.asdict(self)
+        d["aspp_rates"] = list(self.aspp_rates)
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> DMDDConfig:
+        known = {f.name for f in dataclasses.fields(cls)}
+        return cls(**{k: v for k, v in d.items() if k in known})
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=2)
+
+
+def is_fast_mode() -> bool:
+    """True when DMDD_FAST is set to 1/true/yes: notebooks and tests switch to the ``fast`` preset."""
+    return os.environ.get("DMDD_FAST", "").strip().lower() in ("1", "true", "yes")
+
+
+PRESETS: dict[str, dict[str, Any]] = {
+    # METHOD.md section 6 exactly.
+    "paper": {},
+    # Two CPU cores, about two minutes of training. [ours]
+    "fast": dict(
+        image_size=128,
+        stage1_steps=200,
+        stage2_steps=150,
+        batch_size=8,
+        seg_channels=128,
+        checkpoint_every=50,
+    ),
+    # A handful of steps: checks that everything runs. [ours]
+    "smoke": dict(
+        image_size=64,
+        stage1_steps=2,
+        stage2_steps=2,
+        batch_size=2,
+        checkpoint_every=2,
+    ),
+    # DeSTSeg's architecture and losses: every DMDD switch off. [DeSTSeg]
+    "destseg": dict(decouple=False, aim=False, msn=False),
+}

@@ -1,0 +1,209 @@
+"""Inference: anomaly maps and image scores, evaluation on a test split, and predicting a folder of images.
+
+The anomaly map is the segmentation output (stride 4) bilinearly upsampled to the input size, the image score
+the mean of its top-k pixels. [DeSTSeg]
+"""
+
+from __future__ import annotations
+
+import csv
+import os
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+from torch.utils.data import DataLoader
+
+from .baseline import MeanImageBaseline
+from .data import TestDataset, list_train_images, load_image
+from .imageio import IMAGE_EXTENSIONS, read_rgb
+from .metrics import image_auroc, pixel_auroc
+from .model import DMDD
+from .train import show_progress
+
+
+@dataclass
+class Predictions:
+    """Model outputs for N test images at the model's input size S."""
+
+    maps: np.ndarray
+    """(N,S,S) float32 anomaly maps in [0,1]."""
+    scores: np.ndarray
+    """(N,) float32 image scores."""
+    masks: np.ndarray
+    """(N,S,S) uint8 ground truth (zeros for good images)."""
+    labels: np.ndarray
+    """(N,) int, 1 = defective."""
+    paths: list[str]
+    defect_types: list[str]
+
+
+@torch.no_grad()
+def predict_batch(model: DMDD, images: Tensor) -> tuple[Tensor, Tensor]:
+    """(B,3,S,S) in [0,1] -> anomaly maps (B,S,S) and scores (B,), on the model's device."""
+    device = next(model.parameters()).device
+    model.eval()
+    out = model(images.to(device))
+    return out.anomaly_map[:, 0], out.score
+
+
+def predict_dataset(model: DMDD, dataset: TestDataset, batch_size: int = 16, progress: bool | None = None) -> Predictions:
+    """Run the model over a test split."""
+    from tqdm.auto import tqdm
+
+    maps, scores, masks, labels, paths, types = [], [], [], [], [], []
+    loader = DataLoader(dataset, batch_size=batch_size, shuffle=False)
+    for batch in tqdm(loader, desc="predict", disable=show_progress(progress), file=sys.stderr):
+        m, s = predict_batch(model, batch.image)
+        maps.append(m.float().cpu().numpy())
+        scores.append(s.float().cpu().numpy())
+        masks.append(batch.mask[:, 0].numpy().astype(np.uint8))
+        labels.append(np.asarray(batch.label))
+        paths += list(batch.path)
+        types += list(batch.defect_type)
+    return Predictions(
+        maps=np.concatenate(maps).astype(np.float32),
+        scores=np.concatenate(scores).astype(np.float32),
+        masks=np.concatenate(masks),
+        labels=np.concatenate(labels).astype(int),
+        paths=paths,
+        defect_types=types,
+    )
+
+
+@dataclass
+class Evaluation:
+    """Metrics of one category's test split, with what they were computed on."""
+
+    category: str
+    metrics: dict[str, float]
+    baseline: dict[str, float]
+    """The same metrics for the naive mean-image baseline (:mod:`dmdd_core.baseline`)."""
+    resolution: int
+    seed: int
+    num_images: int
+    num_defective: int
+    split: str = "test"
+    checkpoint_rule: str = "last step"
+    predictions: Predictions | None = field(default=None, repr=False)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "category": self.category,
+            "split": self.split,
+            "resolution": self.resolution,
+            "seed": self.seed,
+            "checkpoint_rule": self.checkpoint_rule,
+            "num_images": self.num_images,
+            "num_defective": self.num_defective,
+            "dmdd": self.metrics,
+            "naive_baseline": self.baseline,
+        }
+
+    def summary(self) -> str:
+        m, b = self.metrics, self.baseline
+        return (
+            f"{self.category}: image AUROC {m['image_auroc']:.3f} (baseline {b['image_auroc']:.3f}), "
+            f"pixel AUROC {m['pixel_auroc']:.3f} (baseline {b['pixel_auroc']:.3f}) "
+            f"[{self.split} split, {self.num_images} images, {self.resolution}x{self.resolution}, seed {self.seed}]"
+        )
+
+
+def _metrics(labels: np.ndarray, scores: np.ndarray, masks: np.ndarray, maps: np.ndarray) -> dict[str, float]:
+    return {"image_auroc": image_auroc(labels, scores), "pixel_auroc": pixel_auroc(masks, maps)}
+
+
+def evaluate(
+    model: DMDD,
+    data_root: str | Path,
+    category: str,
+    *,
+    batch_size: int = 16,
+    progress: bool | None = None,
+) -> Evaluation:
+    """Image and pixel AUROC of the model on ``data_root/category/test`` at the model's input resolution,
+    with the naive baseline fitted on the same category's training images."""
+    size = model.cfg.image_size
+    dataset = TestDataset(data_root, category, size)
+    preds = predict_dataset(model, dataset, batch_size, progress)
+    train_images = torch.stack([load_image(p, size) for p in list_train_images(data_root, category)])
+    baseline = MeanImageBaseline(top_k=model.cfg.top_k).fit(train_images)
+    test_images = torch.stack([dataset[i].image for i in range(len(dataset))])
+    base_maps, base_scores = baseline.predict(test_images)
+    return Evaluation(
+        category=category,
+        metrics=_metrics(preds.labels, preds.scores, preds.masks, preds.maps),
+        baseline=_metrics(preds.labels, base_scores, preds.masks, base_maps),
+        resolution=size,
+        seed=model.cfg.seed,
+        num_images=len(dataset),
+        num_defective=int(preds.labels.sum()),
+        predictions=preds,
+    )
+
+
+def image_files(folder: str | Path) -> list[Path]:
+    """Every image under ``folder`` (recursive, sorted); a clear error when there is none."""
+    root = Path(folder)
+    if not root.is_dir():
+        raise FileNotFoundError(f"folder not found: {root}")
+    files = sorted(p for p in root.rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file())
+    if not files:
+        raise FileNotFoundError(f"no images ({', '.join(sorted(IMAGE_EXTENSIONS))}) under {root}")
+    return files
+
+
+def overlay(image: np.ndarray, anomaly_map: np.ndarray, alpha: float = 0.5) -> np.ndarray:
+    """(H,W,3) image in [0,1] and (H,W) map in [0,1] -> (H,W,3) uint8 with the map in the jet colour map."""
+    from matplotlib import colormaps
+
+    heat = colormaps["jet"](np.clip(anomaly_map, 0.0, 1.0))[..., :3]
+    return (255 * ((1 - alpha) * image + alpha * heat)).round().astype(np.uint8)
+
+
+def predict_folder(
+    model: DMDD,
+    folder: str | Path,
+    out_dir: str | Path,
+    *,
+    batch_size: int = 8,
+    progress: bool | None = None,
+) -> Path:
+    """Predict every image under ``folder``; write to ``out_dir``, mirroring the folder's sub-paths:
+
+    ``maps/<name>.npy`` (float32 anomaly map at the image's own size), ``overlays/<name>.png`` and
+    ``scores.csv`` (path, score, width, height). Returns the CSV's path.
+    """
+    from PIL import Image
+    from tqdm.auto import tqdm
+
+    files = image_files(folder)
+    root, out = Path(folder), Path(out_dir)
+    size = model.cfg.image_size
+    rows = []
+    for start in tqdm(range(0, len(files), batch_size), desc="predict", disable=show_progress(progress), file=sys.stderr):
+        chunk = files[start : start + batch_size]
+        maps, scores = predict_batch(model, torch.stack([load_image(p, size) for p in chunk]))
+        for path, m, s in zip(chunk, maps.float().cpu(), scores.float().cpu()):
+            image = read_rgb(path)
+            h, w = image.shape[:2]
+            full = F.interpolate(m[None, None], size=(h, w), mode="bilinear", align_corners=False)[0, 0].numpy()
+            rel = path.relative_to(root).with_suffix("")
+            (out / "maps" / rel).parent.mkdir(parents=True, exist_ok=True)
+            (out / "overlays" / rel).parent.mkdir(parents=True, exist_ok=True)
+            np.save(out / "maps" / f"{rel}.npy", full.astype(np.float32))
+            Image.fromarray(overlay(image, full)).save(out / "overlays" / f"{rel}.png")
+            rows.append({"path": str(rel.with_suffix(path.suffix)), "score": f"{float(s):.6f}", "width": w, "height": h})
+    csv_path = out / "scores.csv"
+    tmp = csv_path.with_name("scores.csv.tmp")
+    with tmp.open("w", newline="") as fh:
+        writer = csv.DictWriter(fh, fieldnames=["path", "score", "width", "height"])
+        writer.writeheader()
+        writer.writerows(rows)
+    os.replace(tmp, csv_path)
+    return csv_path

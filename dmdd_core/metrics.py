@@ -1,0 +1,35 @@
+"""Detection and localisation metrics. The metrics know nothing of the model: they take arrays.
+
+- image AUROC: ``scores`` (N,) against ``labels`` (N,) (1 = defective);
+- pixel AUROC: every pixel of every test image, good images included, ``maps`` (N,H,W) against ``masks``.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from sklearn.metrics import roc_auc_score
+
+
+def _auroc(target: np.ndarray, score: np.ndarray, what: str) -> float:
+    target = np.asarray(target).ravel().astype(bool)
+    score = np.asarray(score, dtype=np.float64).ravel()
+    if target.shape != score.shape:
+        raise ValueError(f"{what}: {target.size} targets but {score.size} scores")
+    if target.all() or not target.any():
+        raise ValueError(f"{what} needs both normal and anomalous examples; got only {'anomalous' if target.any() else 'normal'} ones")
+    if not np.isfinite(score).all():
+        raise ValueError(f"{what}: the scores contain NaN or infinity")
+    return float(roc_auc_score(target, score))
+
+
+def image_auroc(labels: np.ndarray, scores: np.ndarray) -> float:
+    """Area under the ROC curve of image scores; labels 1 = defective."""
+    return _auroc(labels, scores, "image AUROC")
+
+
+def pixel_auroc(masks: np.ndarray, maps: np.ndarray) -> float:
+    """Area under the ROC curve over all pixels of all test images (N,H,W)."""
+    masks, maps = np.asarray(masks), np.asarray(maps)
+    if masks.shape != maps.shape:
+        raise ValueError(f"pixel AUROC: masks {masks.shape} and maps {maps.shape} differ in shape")
+    return _auroc(masks, maps, "pixel AUROC")

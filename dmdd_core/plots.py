@@ -1,0 +1,83 @@
+"""The one figure helper: every figure of the package, the notebooks and the benchmarks goes through here, so
+they all look the same and are saved the same way (PNG in ``figures/``)."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import matplotlib.pyplot as plt
+import numpy as np
+
+FIGURES_DIR = Path(os.environ.get("DMDD_FIGURES", "figures"))
+STYLE: dict[str, Any] = {"figure.dpi": 100, "savefig.dpi": 120, "axes.titlesize": 10, "axes.labelsize": 9, "font.size": 9}
+
+
+def figure(nrows: int = 1, ncols: int = 1, size: tuple[float, float] | None = None, **kwargs: Any):
+    """``plt.subplots`` with the package style; axes always come back as a 2-D array."""
+    plt.rcParams.update(STYLE)  # type: ignore[arg-type]
+    size = size or (2.6 * ncols, 2.6 * nrows)
+    fig, axes = plt.subplots(nrows, ncols, figsize=size, squeeze=False, **kwargs)
+    return fig, axes
+
+
+def save_figure(fig: plt.Figure, name: str, folder: str | Path | None = None) -> Path:
+    """Save ``fig`` as ``<folder>/<name>.png`` (default ``figures/``, or $DMDD_FIGURES) and return the path."""
+    out = Path(folder) if folder is not None else FIGURES_DIR
+    out.mkdir(parents=True, exist_ok=True)
+    path = out / (name if name.endswith(".png") else f"{name}.png")
+    fig.savefig(path, bbox_inches="tight")
+    return path
+
+
+def show_image(ax: plt.Axes, image: np.ndarray, title: str = "", **kwargs: Any) -> None:
+    """Draw an image ((H,W,3) in [0,1], (3,H,W) tensor-like, or (H,W)) without ticks."""
+    arr = np.asarray(image)
+    if arr.ndim == 3 and arr.shape[0] in (1, 3) and arr.shape[-1] not in (1, 3):
+        arr = np.moveaxis(arr, 0, -1)
+    if arr.ndim == 3 and arr.shape[-1] == 1:
+        arr = arr[..., 0]
+    if arr.ndim == 2:
+        kwargs.setdefault("cmap", "gray")
+    ax.imshow(np.clip(arr, 0, 1) if arr.ndim == 3 else arr, **kwargs)
+    ax.set_title(title)
+    ax.set_xticks([])
+    ax.set_yticks([])
+
+
+def anomaly_examples(
+    images: Sequence[np.ndarray],
+    masks: Sequence[np.ndarray],
+    maps: Sequence[np.ndarray],
+    titles: Sequence[str],
+    extra: dict[str, Sequence[np.ndarray]] | None = None,
+) -> plt.Figure:
+    """One row per example: image, ground truth, anomaly map (fixed 0..1 scale), plus optional extra maps."""
+    extra = extra or {}
+    ncols = 3 + len(extra)
+    fig, axes = figure(len(images), ncols, size=(2.2 * ncols, 2.2 * len(images)))
+    for row, (img, mask, amap, title) in enumerate(zip(images, masks, maps, titles)):
+        show_image(axes[row, 0], img, title)
+        show_image(axes[row, 1], mask, "ground truth" if row == 0 else "", vmin=0, vmax=1)
+        show_image(axes[row, 2], amap, "anomaly map" if row == 0 else "", cmap="jet", vmin=0, vmax=1)
+        for col, (name, values) in enumerate(extra.items(), start=3):
+            show_image(axes[row, col], values[row], name if row == 0 else "", cmap="jet")
+    fig.tight_layout()
+    return fig
+
+
+def loss_curves(log: Sequence[dict[str, float]], title: str = "") -> plt.Figure:
+    """Training losses per step, one panel per stage (log entries of :func:`dmdd_core.train.train`)."""
+    fig, axes = figure(1, 2, size=(8, 2.8))
+    for ax, stage, keys in ((axes[0, 0], 1, ("loss", "ngm", "aim")), (axes[0, 1], 2, ("loss", "focal", "l1"))):
+        entries = [e for e in log if e["stage"] == stage]
+        for key in keys:
+            if entries and key in entries[0]:
+                ax.plot([e["step"] for e in entries], [e[key] for e in entries], label=key, lw=1)
+        ax.set_title(f"{title} stage {stage}: {'distillation' if stage == 1 else 'segmentation'}".strip())
+        ax.set_xlabel("step")
+        ax.legend(frameon=False)
+    fig.tight_layout()
+    return fig

@@ -1,0 +1,311 @@
+"""Two-stage training with atomic, resumable checkpoints. [DeSTSeg schedule, METHOD.md section 6]
+
+Stage 1 (steps 1..stage1_steps): the student (encoder, decoder, decouple heads) learns by distillation,
+L = L_NGM + lambda * L_AIM; the segmentation network is untouched.
+Stage 2 (the remaining steps): the student is frozen in eval mode; the segmentation network learns the synthetic
+masks with focal + L1 loss.
+
+The batch of step s is a pure function of (seed, s) (see ``SyntheticPairDataset``), and the checkpoint holds
+the model, both optimisers, the random state and the log, so a run interrupted at any checkpoint and resumed
+ends with exactly the weights of an uninterrupted run. Checkpoint rule: the last step; no checkpoint is ever
+chosen on test data. [ours]
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import Tensor
+from torch.utils.data import DataLoader
+
+from .config import DMDDConfig, is_fast_mode
+from .data import StreamBatchSampler, SyntheticPairDataset, TrainPair
+from .losses import aim_loss, focal_loss, l1_loss, ngm_loss, segmentation_target
+from .model import DMDD, Teacher, build_teacher
+
+CHECKPOINT_NAME = "checkpoint.pt"
+LOG_NAME = "log.json"
+CHECKPOINT_FORMAT = 1
+#: Fields that may differ between an interrupted run and its resumption.
+RESUMABLE_DIFFERENCES = {"device", "num_workers", "checkpoint_every", "teacher_weights", "preset_name"}
+
+
+def select_device(name: str = "auto") -> torch.device:
+    """``auto`` -> CUDA if available, else CPU; a named device that is not available raises a clear error."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError(f"device {name!r} asked for, but CUDA is not available here; use --device cpu")
+    return device
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def show_progress(progress: bool | None) -> bool | None:
+    """tqdm's ``disable``: forced by ``progress``; else off in fast mode and CI, tqdm's own choice otherwise."""
+    if progress is not None:
+        return not progress
+    if is_fast_mode() or os.environ.get("CI"):
+        return True
+    return None
+
+
+def atomic_save(obj: Any, path: Path) -> None:
+    """torch.save to a temporary file in the same folder, then rename: a crash never leaves half a file."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
+    os.close(fd)
+    try:
+        torch.save(obj, tmp)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+def atomic_write_text(text: str, path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def build_optimizers(model: DMDD, cfg: DMDDConfig) -> tuple[torch.optim.SGD, torch.optim.SGD]:
+    """SGD, momentum 0.9, weight decay 1e-4; lr 0.4 student, 0.1 segmentation body, 0.01 head. [DeSTSeg]"""
+    groups = model.trainable_parameters()
+    student = torch.optim.SGD(
+        groups["student"], lr=cfg.lr_student, momentum=cfg.momentum, weight_decay=cfg.weight_decay
+    )
+    seg = torch.optim.SGD(
+        [{"params": groups["seg_body"], "lr": cfg.lr_seg}, {"params": groups["seg_head"], "lr": cfg.lr_seg_head}],
+        lr=cfg.lr_seg,
+        momentum=cfg.momentum,
+        weight_decay=cfg.weight_decay,
+    )
+    return student, seg
+
+
+def distillation_step(model: DMDD, batch: TrainPair, cfg: DMDDConfig) -> dict[str, Tensor]:
+    """Stage-1 losses for one batch: NGM on the normality branch, AIM on the abnormality branch."""
+    teacher_orig = model.teacher_features(batch.original)
+    normality, abnormality = model.student_features(batch.augmented)
+    losses = {"ngm": ngm_loss(normality, teacher_orig, batch.mask, cfg.ngm_region)}
+    if cfg.aim and abnormality is not None:
+        teacher_aim = model.teacher_features(batch.augmented) if cfg.aim_teacher_image == "augmented" else teacher_orig
+        losses["aim"] = aim_loss(abnormality, teacher_aim, batch.mask, cfg.aim_margin, cfg.aim_normal_term)
+        losses["loss"] = losses["ngm"] + cfg.aim_weight * losses["aim"]
+    else:
+        losses["loss"] = losses["ngm"]
+    return losses
+
+
+def segmentation_step(model: DMDD, batch: TrainPair, cfg: DMDDConfig) -> dict[str, Tensor]:
+    """Stage-2 losses for one batch: focal + L1 between the segmentation output and the synthetic mask."""
+    with torch.no_grad():
+        teacher = model.teacher_features(batch.augmented)
+        normality, abnormality = model.student_features(batch.augmented)
+    logits = model.segment(teacher, normality, abnormality)
+    target = segmentation_target(batch.mask, logits.shape[-2:])
+    losses = {"focal": focal_loss(logits, target, cfg.focal_gamma), "l1": l1_loss(logits, target)}
+    losses["loss"] = losses["focal"] + losses["l1"]
+    return losses
+
+
+@dataclass
+class TrainResult:
+    model: DMDD
+    log: list[dict[str, Any]]
+    checkpoint: Path
+    resumed_from: int
+    """The step training started from (0 for a fresh run)."""
+
+
+def _check_resumable(saved: dict[str, Any], cfg: DMDDConfig, path: Path) -> None:
+    current = cfg.to_dict()
+    diffs = {
+        k: (saved.get(k), current[k])
+        for k in current
+        if k not in RESUMABLE_DIFFERENCES and saved.get(k) != current[k]
+    }
+    if diffs:
+        shown = ", ".join(f"{k}: saved {a!r} vs now {b!r}" for k, a, b in ((k, *v) for k, v in diffs.items()))
+        raise ValueError(
+            f"{path} was written with another configuration ({shown}). "
+            "Use another --out folder, or pass resume=False (--no-resume) to start over."
+        )
+
+
+def load_checkpoint(path: str | Path, device: str | torch.device = "cpu") -> tuple[DMDD, dict[str, Any]]:
+    """Rebuild the model from a checkpoint (teacher weights included, so it works offline).
+
+    Returns the model in eval mode and the checkpoint dict (config, step, log, optimiser states...).
+    Loaded with ``weights_only=True``: a checkpoint can hold tensors and plain data only.
+    """
+    path = Path(path)
+    if path.is_dir():
+        path = path / CHECKPOINT_NAME
+    if not path.is_file():
+        raise FileNotFoundError(f"no checkpoint at {path}; train first (dmdd train --out {path.parent})")
+    state = _read_checkpoint(path)
+    return model_from_state(state).to(select_device(str(device))).eval(), state
+
+
+def _read_checkpoint(path: Path) -> dict[str, Any]:
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # noqa: BLE001 - any unreadable file gets the same advice
+        raise ValueError(f"cannot read checkpoint {path} ({err}); delete it to train from scratch") from err
+    if not isinstance(state, dict) or state.get("format") != CHECKPOINT_FORMAT:
+        raise ValueError(f"{path} is not a dmdd checkpoint of format {CHECKPOINT_FORMAT}")
+    return state
+
+
+def model_from_state(state: dict[str, Any]) -> DMDD:
+    """The model saved in a checkpoint dict; the teacher is rebuilt from the saved weights, not downloaded."""
+    teacher = Teacher(state["teacher"]["name"], pretrained=False)
+    teacher.source = state["teacher"]["source"]
+    model = DMDD(DMDDConfig.from_dict(state["config"]), teacher=teacher)
+    model.load_state_dict(state["model"])
+    return model
+
+
+def train(
+    cfg: DMDDConfig,
+    data_root: str | Path,
+    category: str,
+    out_dir: str | Path,
+    *,
+    teacher: Teacher | None = None,
+    resume: bool = True,
+    progress: bool | None = None,
+    stop_at_step: int | None = None,
+) -> TrainResult:
+    """Train DMDD on ``data_root/category`` (MVTec AD layout), writing ``checkpoint.pt`` and ``log.json`` to
+    ``out_dir``.
+
+    A finished checkpoint in ``out_dir`` is loaded instead of training again; an unfinished one is resumed.
+    ``stop_at_step`` ends the run early after that global step (with a checkpoint), as an interruption would.
+    Ctrl-C writes a checkpoint at the last finished step before stopping.
+    """
+    from tqdm.auto import tqdm
+
+    out = Path(out_dir)
+    ckpt_path = out / CHECKPOINT_NAME
+    device = select_device(cfg.device)
+    dataset = SyntheticPairDataset.from_config(data_root, category, cfg)
+
+    seed_everything(cfg.seed)
+    start_step, log = 0, []
+    state: dict[str, Any] | None = None
+    if resume and ckpt_path.is_file():
+        state = _read_checkpoint(ckpt_path)
+        _check_resumable(state["config"], cfg, ckpt_path)
+        model = model_from_state(state)
+        model.cfg = cfg
+        opt_student, opt_seg = build_optimizers(model, cfg)
+        opt_student.load_state_dict(state["opt_student"])
+        opt_seg.load_state_dict(state["opt_seg"])
+        torch.set_rng_state(state["rng_cpu"])
+        start_step, log = int(state["step"]), list(state["log"])
+    else:
+        model = DMDD(cfg, teacher=teacher if teacher is not None else build_teacher(cfg))
+        opt_student, opt_seg = build_optimizers(model, cfg)
+
+    use_cuda = device.type == "cuda"
+    memory_format = torch.channels_last if (use_cuda and cfg.channels_last) else torch.contiguous_format
+    model.to(device)
+    model.to(memory_format=memory_format)
+    _move_optimizer(opt_student, device)
+    _move_optimizer(opt_seg, device)
+    if use_cuda and state is not None and state.get("rng_cuda"):
+        torch.cuda.set_rng_state_all(list(state["rng_cuda"]))
+
+    def save(step: int) -> None:
+        atomic_save(
+            {
+                "format": CHECKPOINT_FORMAT,
+                "step": step,
+                "config": cfg.to_dict(),
+                "category": category,
+                "data_root": str(data_root),
+                "teacher": {"name": model.teacher.name, "source": model.teacher.source},
+                "model": model.state_dict(),
+                "opt_student": opt_student.state_dict(),
+                "opt_seg": opt_seg.state_dict(),
+                "rng_cpu": torch.get_rng_state(),
+                "rng_cuda": torch.cuda.get_rng_state_all() if use_cuda else [],
+                "log": log,
+            },
+            ckpt_path,
+        )
+        atomic_write_text(json.dumps({"config": cfg.to_dict(), "category": category, "log": log}, indent=1), out / LOG_NAME)
+
+    total = cfg.total_steps
+    stop = total if stop_at_step is None else min(total, stop_at_step)
+    if start_step >= stop:
+        return TrainResult(model.eval(), log, ckpt_path, start_step)
+
+    loader = DataLoader(
+        dataset,
+        batch_sampler=StreamBatchSampler(cfg.batch_size, stop - start_step, start_step),
+        num_workers=cfg.num_workers,
+        pin_memory=use_cuda,
+        persistent_workers=False,
+    )
+    bar = tqdm(total=total, initial=start_step, desc=f"DMDD {category}", disable=show_progress(progress), file=sys.stderr)
+    autocast = torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=use_cuda and cfg.amp)
+    step = start_step
+    started = time.perf_counter()
+    try:
+        for batch in loader:
+            batch = TrainPair(*(t.to(device, non_blocking=True) for t in batch))
+            if memory_format is torch.channels_last:
+                batch = TrainPair(*(t.contiguous(memory_format=memory_format) for t in batch))
+            stage = 1 if step < cfg.stage1_steps else 2
+            model.student.train(stage == 1)
+            model.segmentation.train(stage == 2)
+            optimizer = opt_student if stage == 1 else opt_seg
+            with autocast:
+                losses = distillation_step(model, batch, cfg) if stage == 1 else segmentation_step(model, batch, cfg)
+            optimizer.zero_grad(set_to_none=True)
+            losses["loss"].backward()
+            optimizer.step()
+            step += 1
+            entry = {"step": step, "stage": stage, **{k: float(v.detach()) for k, v in losses.items()}}
+            entry["seconds"] = round(time.perf_counter() - started, 3)
+            log.append(entry)
+            bar.set_postfix({k: f"{v:.4f}" for k, v in entry.items() if k not in ("step", "stage", "seconds")}, refresh=False)
+            bar.set_description(f"DMDD {category} stage {stage}")
+            bar.update(1)
+            if step % cfg.checkpoint_every == 0 or step == stop or step == cfg.stage1_steps:
+                save(step)
+    except KeyboardInterrupt:
+        if step > start_step:
+            save(step)
+            print(f"\ninterrupted at step {step}; checkpoint saved to {ckpt_path}; run again to resume", file=sys.stderr)
+        raise
+    finally:
+        bar.close()
+    return TrainResult(model.eval(), log, ckpt_path, start_step)
+
+
+def _move_optimizer(optimizer: torch.optim.Optimizer, device: torch.device) -> None:
+    for values in optimizer.state.values():
+        for key, value in values.items():
+            if isinstance(value, Tensor):
+                values[key] = value.to(device)

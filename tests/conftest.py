@@ -1,0 +1,80 @@
+"""Shared fixtures: a small dataset tree in MVTec AD layout, and the built-in dataset generated once per session."""
+
+from __future__ import annotations
+
+import zlib
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+
+def _pil_image(array: np.ndarray, mode: str) -> Image.Image:
+    """(H,W,3) uint8 -> a PIL image of ``mode`` (RGB, L, LA, RGBA, P or I;16)."""
+    rgb = Image.fromarray(array)
+    if mode == "RGB":
+        return rgb
+    if mode == "L":
+        return rgb.convert("L")
+    if mode == "LA":
+        return rgb.convert("LA")
+    if mode == "RGBA":
+        return rgb.convert("RGBA")
+    if mode == "P":
+        return rgb.quantize(colors=64)
+    if mode == "I;16":
+        gray = np.asarray(rgb.convert("L"), dtype=np.uint16) * 257
+        return Image.fromarray(gray)
+    raise ValueError(f"unsupported mode {mode!r}")
+
+
+def make_mvtec_tree(
+    root: str | Path,
+    category: str,
+    n_train: int,
+    defects: dict[str, int],
+    size: tuple[int, int] = (48, 40),
+    mode: str = "RGB",
+) -> Path:
+    """Write a tiny dataset in MVTec AD layout under ``root/category`` and return that category folder.
+
+    ``defects`` maps a test folder to its number of images; the key "good" gives normal test images, every other
+    key a defect type with one ``ground_truth/<type>/<stem>_mask.png`` per image. Images are ``size`` = (W,H) noise
+    around mid-grey in ``mode``; a defective image is bright (value 250) exactly where its mask is set, so tests can
+    check that images and masks are paired.
+    """
+    width, height = size
+    folder = Path(root) / category
+    rng = np.random.default_rng(zlib.crc32(category.encode()))
+
+    def normal() -> np.ndarray:
+        return rng.integers(60, 160, size=(height, width, 3), dtype=np.uint8)
+
+    train_dir = folder / "train" / "good"
+    train_dir.mkdir(parents=True, exist_ok=True)
+    for i in range(n_train):
+        _pil_image(normal(), mode).save(train_dir / f"{i:03d}.png")
+    for defect_type, count in defects.items():
+        test_dir = folder / "test" / defect_type
+        test_dir.mkdir(parents=True, exist_ok=True)
+        for i in range(count):
+            image = normal()
+            if defect_type != "good":
+                mask = np.zeros((height, width), dtype=np.uint8)
+                top, left = (i * 3) % (height // 2), (i * 5) % (width // 2)
+                mask[top : top + height // 3, left : left + width // 3] = 255
+                image[mask > 0] = 250
+                gt_dir = folder / "ground_truth" / defect_type
+                gt_dir.mkdir(parents=True, exist_ok=True)
+                Image.fromarray(mask).save(gt_dir / f"{i:03d}_mask.png")
+            _pil_image(image, mode).save(test_dir / f"{i:03d}.png")
+    return folder
+
+
+@pytest.fixture(scope="session")
+def builtin_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The built-in dataset, generated once per test session into a temporary folder."""
+    from dmdd_core.data.builtin import ensure_builtin_dataset
+
+    return ensure_builtin_dataset(tmp_path_factory.mktemp("dmdd_data"))
