@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import os
 import zlib
 from pathlib import Path
 
 import numpy as np
 import pytest
 from PIL import Image
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 
 def _pil_image(array: np.ndarray, mode: str) -> Image.Image:
@@ -78,3 +81,19 @@ def builtin_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
     from dmdd_core.data.builtin import ensure_builtin_dataset
 
     return ensure_builtin_dataset(tmp_path_factory.mktemp("dmdd_data"))
+
+
+@pytest.fixture(scope="session", autouse=True)
+def hub_offline() -> None:
+    """Every test runs with the Hugging Face hub offline: weights come from files and installed packages only."""
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+
+@pytest.fixture(scope="session")
+def smoke_run(builtin_root: Path, tmp_path_factory: pytest.TempPathFactory):
+    """A ``smoke`` model trained once per session on the built-in ``brick`` category with the offline teacher."""
+    from dmdd_core.config import DMDDConfig
+    from dmdd_core.train import train
+
+    cfg = DMDDConfig.preset("smoke", teacher="tf_efficientnet_lite0")
+    return train(cfg, builtin_root, "brick", tmp_path_factory.mktemp("smoke_run"), progress=False)

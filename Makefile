@@ -1,0 +1,34 @@
+# Two entry points on a fresh machine:
+#   make quickstart   set up .venv, then train and evaluate DMDD on the built-in dataset (fast preset)
+#   make test         set up .venv, then run the test suite (what CI runs)
+PYTHON ?= python3
+VENV ?= .venv
+# torch and torchvision are pinned together in one pip command so no other package pulls another build.
+ifeq ($(filter aarch64 arm64,$(shell uname -m)),)
+TORCH_PINS ?= torch==2.14.1 torchvision==0.29.1
+else
+TORCH_PINS ?= torch==2.9.1 torchvision==0.24.1
+endif
+
+.PHONY: setup quickstart test lint clean
+
+setup: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(VENV)/bin/python -m pip install --quiet $(TORCH_PINS) -e ".[dev]"
+	touch $@
+
+quickstart: setup
+	$(VENV)/bin/dmdd quickstart --preset fast --data builtin --out runs/quickstart
+
+test: setup
+	HF_HUB_OFFLINE=1 DMDD_FAST=1 $(VENV)/bin/python -m pytest -q
+
+lint: setup
+	$(VENV)/bin/python -m pip install --quiet ruff mypy
+	$(VENV)/bin/ruff check dmdd_core tests benchmarks
+	$(VENV)/bin/mypy dmdd_core
+
+clean:
+	rm -rf $(VENV) runs .pytest_cache

@@ -1,0 +1,419 @@
+"""Speed benchmark of DMDD training and inference.
+
+For each preset (default ``fast`` and ``paper``) on the chosen device it measures, in images per second:
+stage-1 training (distillation step: forward, backward and SGD step of the student), stage-2 training
+(segmentation step), inference (model forward in eval mode under ``torch.no_grad``) and, separately, data
+loading (synthetic training pairs from the built-in dataset, category ``brick``). It also reports peak memory:
+``torch.cuda.max_memory_allocated`` per phase on CUDA, the process peak RSS (``ru_maxrss``) on CPU.
+
+Batches are built before timing, so the training and inference numbers exclude data loading. Each phase runs
+warm-up steps, then timed steps (synchronised on CUDA).
+
+Run::
+
+    python benchmarks/speed.py                                   # fast and paper presets, auto device
+    python benchmarks/speed.py --presets paper --device cuda --amp --channels-last --json speed.json
+    python benchmarks/speed.py --presets smoke --steps 1         # a few seconds
+
+On CPU the paper preset runs at batch 8 instead of 32 unless ``--batch-size`` is given.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import os
+import platform
+import resource
+import sys
+import time
+import warnings
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch.utils.data import default_collate
+
+from dmdd_core.config import PRESETS, DMDDConfig
+from dmdd_core.data import SyntheticPairDataset, TrainPair, ensure_builtin_dataset, stream_indices
+from dmdd_core.model import DMDD, Teacher, build_teacher
+from dmdd_core.train import build_optimizers, distillation_step, segmentation_step, select_device
+
+CPU_PAPER_BATCH = 8
+DEFAULT_STEPS = {"cpu": 5, "cuda": 20}
+DEFAULT_WARMUP = {"cpu": 2, "cuda": 5}
+MIB = 2**20
+
+
+def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        description="Training and inference throughput of DMDD per preset.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    parser.add_argument("--presets", nargs="+", default=["fast", "paper"], choices=sorted(PRESETS))
+    parser.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
+    parser.add_argument("--steps", type=int, default=None, help="timed steps per phase (default: 5 on CPU, 20 on CUDA)")
+    parser.add_argument(
+        "--warmup", type=int, default=None, help="untimed steps per phase (default: 2 on CPU, 5 on CUDA)"
+    )
+    parser.add_argument(
+        "--batch-size",
+        type=int,
+        default=None,
+        help=f"training batch for every preset (default: the preset's; {CPU_PAPER_BATCH} for paper on CPU)",
+    )
+    parser.add_argument("--infer-batch", type=int, default=None, help="inference batch (default: the training batch)")
+    parser.add_argument("--prebuilt", type=int, default=3, help="distinct batches built before timing, then cycled")
+    parser.add_argument("--teacher", default="auto", help="auto, resnet18, tf_efficientnet_lite0 or a timm name")
+    parser.add_argument("--teacher-weights", default=None, help="state dict file for the teacher")
+    parser.add_argument("--amp", action="store_true", help="bf16 autocast (CUDA only, as in training)")
+    parser.add_argument("--channels-last", action="store_true", help="channels_last memory format (CUDA only)")
+    parser.add_argument("--data", default=None, help="dataset root in MVTec AD layout (default: the built-in dataset)")
+    parser.add_argument("--category", default="brick")
+    parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's choice)")
+    parser.add_argument("--json", default=None, metavar="PATH", help="also write the results as JSON")
+    args = parser.parse_args(argv)
+    for name in ("steps", "warmup", "batch_size", "infer_batch", "prebuilt", "threads"):
+        value = getattr(args, name)
+        if value is not None and value < (0 if name == "warmup" else 1):
+            parser.error(f"--{name.replace('_', '-')} must be {'>= 0' if name == 'warmup' else '>= 1'}")
+    return args
+
+
+# --- measurement helpers -----------------------------------------------------------------------------------------
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _timed(device: torch.device, step: Callable[[int], None], warmup: int, steps: int) -> float:
+    """Seconds for ``steps`` calls of ``step`` after ``warmup`` untimed ones."""
+    for i in range(warmup):
+        step(i)
+    _sync(device)
+    started = time.perf_counter()
+    for i in range(steps):
+        step(warmup + i)
+    _sync(device)
+    return time.perf_counter() - started
+
+
+def _reset_peak(device: torch.device) -> None:
+    if device.type == "cuda":
+        _sync(device)
+        torch.cuda.reset_peak_memory_stats(device)
+
+
+def _peak_mib(device: torch.device) -> float | None:
+    if device.type == "cuda":
+        _sync(device)
+        return torch.cuda.max_memory_allocated(device) / MIB
+    return None
+
+
+def process_peak_rss_mib() -> float:
+    """Peak resident set size of this process so far (ru_maxrss: KiB on Linux, bytes on macOS)."""
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak / MIB if sys.platform == "darwin" else peak / 1024
+
+
+def build_batches(dataset: SyntheticPairDataset, batch_size: int, count: int) -> tuple[list[TrainPair], float]:
+    """``count`` training batches of the stream, and the data loading throughput (img/s) measured building them.
+
+    Every training image is decoded into the dataset's cache first, so the rate is the steady state of a
+    training run with ``num_workers=0``: cached image, rotation, anomaly synthesis, collation.
+    """
+    for index in range(len(dataset)):
+        dataset.normal_image(index)
+    started = time.perf_counter()
+    batches = [
+        TrainPair(*default_collate([dataset[k] for k in stream_indices(step, batch_size)])) for step in range(count)
+    ]
+    seconds = time.perf_counter() - started
+    return batches, count * batch_size / seconds
+
+
+def _inference_images(batches: list[TrainPair], size: int) -> torch.Tensor:
+    """``size`` anomalous images taken from the prebuilt batches (cycled when more are needed)."""
+    pool = torch.cat([b.augmented for b in batches])
+    repeats = -(-size // pool.shape[0])
+    return pool.repeat(repeats, 1, 1, 1)[:size].contiguous()
+
+
+# --- one preset --------------------------------------------------------------------------------------------------
+def benchmark_preset(
+    cfg: DMDDConfig,
+    teacher: Teacher,
+    dataset_root: Path,
+    category: str,
+    device: torch.device,
+    *,
+    steps: int,
+    warmup: int,
+    infer_batch: int,
+    prebuilt: int,
+) -> dict[str, Any]:
+    use_cuda = device.type == "cuda"
+    memory_format = torch.channels_last if (use_cuda and cfg.channels_last) else torch.contiguous_format
+    autocast = torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=use_cuda and cfg.amp)
+
+    dataset = SyntheticPairDataset.from_config(dataset_root, category, cfg)
+    cpu_batches, data_img_s = build_batches(dataset, cfg.batch_size, prebuilt)
+
+    def to_device(t: torch.Tensor) -> torch.Tensor:
+        return t.to(device, non_blocking=True).contiguous(memory_format=memory_format)
+
+    batches = [TrainPair(*(to_device(t) for t in b)) for b in cpu_batches]
+    images = to_device(_inference_images(cpu_batches, infer_batch))
+
+    torch.manual_seed(cfg.seed)
+    model = DMDD(cfg, teacher=teacher).to(device)
+    model.to(memory_format=memory_format)
+    opt_student, opt_seg = build_optimizers(model, cfg)
+    memory: dict[str, float | None] = {}
+
+    def stage1(i: int) -> None:
+        with autocast:
+            losses = distillation_step(model, batches[i % len(batches)], cfg)
+        opt_student.zero_grad(set_to_none=True)
+        losses["loss"].backward()
+        opt_student.step()
+
+    def stage2(i: int) -> None:
+        with autocast:
+            losses = segmentation_step(model, batches[i % len(batches)], cfg)
+        opt_seg.zero_grad(set_to_none=True)
+        losses["loss"].backward()
+        opt_seg.step()
+
+    def infer(_: int) -> None:
+        with torch.no_grad(), autocast:
+            model(images)
+
+    _reset_peak(device)
+    model.student.train(True)
+    model.segmentation.train(False)
+    stage1_s = _timed(device, stage1, warmup, steps)
+    memory["stage1"] = _peak_mib(device)
+    opt_student.zero_grad(set_to_none=True)
+
+    _reset_peak(device)
+    model.student.train(False)
+    model.segmentation.train(True)
+    stage2_s = _timed(device, stage2, warmup, steps)
+    memory["stage2"] = _peak_mib(device)
+    opt_seg.zero_grad(set_to_none=True)
+
+    _reset_peak(device)
+    model.eval()
+    infer_s = _timed(device, infer, warmup, steps)
+    memory["inference"] = _peak_mib(device)
+
+    result: dict[str, Any] = {
+        "preset": cfg.preset_name,
+        "device": device.type,
+        "image_size": cfg.image_size,
+        "batch_size": cfg.batch_size,
+        "infer_batch": infer_batch,
+        "steps": steps,
+        "warmup": warmup,
+        "amp": use_cuda and cfg.amp,
+        "channels_last": memory_format is torch.channels_last,
+        "stage1_img_s": steps * cfg.batch_size / stage1_s,
+        "stage2_img_s": steps * cfg.batch_size / stage2_s,
+        "inference_img_s": steps * infer_batch / infer_s,
+        "data_img_s": data_img_s,
+        "stage1_ms_per_step": 1000 * stage1_s / steps,
+        "stage2_ms_per_step": 1000 * stage2_s / steps,
+        "inference_ms_per_batch": 1000 * infer_s / steps,
+    }
+    if use_cuda:
+        result["peak_memory_mib"] = memory
+        result["peak_memory_kind"] = "torch.cuda.max_memory_allocated per phase"
+    else:
+        result["peak_memory_mib"] = {"process": process_peak_rss_mib()}
+        result["peak_memory_kind"] = "process peak RSS (ru_maxrss), cumulative over the run so far"
+    return result
+
+
+# --- environment, teacher, table ---------------------------------------------------------------------------------
+def cpu_name() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def environment(device: torch.device) -> dict[str, Any]:
+    env: dict[str, Any] = {
+        "torch": torch.__version__,
+        "python": platform.python_version(),
+        "device": device.type,
+        "device_name": cpu_name(),
+        "cpu_count": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+        "torch_interop_threads": torch.get_num_interop_threads(),
+        "load_average_1min": os.getloadavg()[0] if hasattr(os, "getloadavg") else None,
+    }
+    if device.type == "cuda":
+        index = device.index if device.index is not None else torch.cuda.current_device()
+        env["device_name"] = torch.cuda.get_device_name(index)
+        env["cuda"] = torch.version.cuda
+        env["cudnn"] = torch.backends.cudnn.version()
+    return env
+
+
+def make_teacher(name: str, weights: str | None) -> tuple[Teacher, str | None]:
+    """The teacher (built once, shared by every preset) and the note of ``auto`` falling back, if any."""
+    cfg = DMDDConfig.preset("smoke", teacher=name, teacher_weights=weights)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        teacher = build_teacher(cfg)
+    note = next((str(w.message) for w in caught if "teacher='auto'" in str(w.message)), None)
+    return teacher, note
+
+
+COLUMNS = [
+    ("preset", "preset", "{}"),
+    ("device", "device", "{}"),
+    ("image", "image_size", "{0}x{0}"),
+    ("batch", "batch_size", "{}"),
+    ("stage-1 img/s", "stage1_img_s", "{:.1f}"),
+    ("stage-2 img/s", "stage2_img_s", "{:.1f}"),
+    ("infer img/s", "inference_img_s", "{:.1f}"),
+    ("infer batch", "infer_batch", "{}"),
+    ("data img/s", "data_img_s", "{:.1f}"),
+    ("peak mem MiB", "peak_memory_mib", None),
+]
+
+
+def _memory_cell(memory: dict[str, float | None]) -> str:
+    if "process" in memory:
+        return f"{memory['process']:.0f} (process)"
+    return " / ".join(f"{memory[k]:.0f}" for k in ("stage1", "stage2", "inference"))
+
+
+def format_table(results: list[dict[str, Any]]) -> str:
+    rows = [[title for title, _, _ in COLUMNS]]
+    for r in results:
+        rows.append([_memory_cell(r[key]) if fmt is None else fmt.format(r[key]) for _, key, fmt in COLUMNS])
+    widths = [max(len(row[i]) for row in rows) for i in range(len(COLUMNS))]
+    lines = ["  ".join(cell.rjust(w) for cell, w in zip(row, widths)) for row in rows]
+    lines.insert(1, "  ".join("-" * w for w in widths))
+    return "\n".join(lines)
+
+
+# --- main --------------------------------------------------------------------------------------------------------
+def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
+    """Run the benchmark with command line ``argv``; print the table and return the report (as in the JSON)."""
+    args = parse_args(argv)
+    threads = torch.get_num_threads()
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
+    try:
+        return _run(args)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _run(args: argparse.Namespace) -> dict[str, Any]:
+    started = time.perf_counter()
+    device = select_device(args.device)
+    steps = args.steps if args.steps is not None else DEFAULT_STEPS["cuda" if device.type == "cuda" else "cpu"]
+    warmup = args.warmup if args.warmup is not None else DEFAULT_WARMUP["cuda" if device.type == "cuda" else "cpu"]
+    notes: list[str] = []
+
+    if args.data is None:
+        dataset_root = ensure_builtin_dataset()
+        data_name = f"built-in dataset ({dataset_root})"
+    else:
+        dataset_root = Path(args.data).expanduser()
+        data_name = str(dataset_root)
+
+    teacher, fallback = make_teacher(args.teacher, args.teacher_weights)
+    if fallback is not None:
+        notes.append(f"teacher 'auto' fell back to {teacher.name}: resnet18 ImageNet weights are not available here")
+    if device.type != "cuda" and (args.amp or args.channels_last):
+        notes.append("--amp and --channels-last apply on CUDA only (as in training); ignored on CPU")
+
+    env = environment(device)
+    load = env["load_average_1min"]
+    if device.type == "cpu" and load is not None and load >= 0.5:
+        notes.append(
+            f"1-minute load average was {load:.2f} at start: other processes use the CPU, and with "
+            f"{env['torch_threads']} torch threads on {env['cpu_count']} CPUs the numbers can be far too low"
+        )
+    env.update(teacher=teacher.name, teacher_source=teacher.source, data=data_name, category=args.category)
+    print(
+        f"torch {env['torch']} | device {device} ({env['device_name']}) | "
+        f"threads {env['torch_threads']} (interop {env['torch_interop_threads']}, {env['cpu_count']} CPUs)"
+    )
+    print(f"teacher: {teacher.name} ({teacher.source}){' [auto]' if args.teacher == 'auto' else ''}")
+    print(f"data: {data_name}, category {args.category}; {warmup} warm-up + {steps} timed steps per phase")
+
+    results = []
+    for name in args.presets:
+        overrides: dict[str, Any] = {
+            "device": str(device),
+            "amp": args.amp,
+            "channels_last": args.channels_last,
+            "teacher": teacher.name,
+        }
+        if args.batch_size is not None:
+            overrides["batch_size"] = args.batch_size
+        elif device.type == "cpu" and name == "paper":
+            overrides["batch_size"] = CPU_PAPER_BATCH
+            notes.append(
+                f"paper on CPU: batch {CPU_PAPER_BATCH} instead of {PRESETS['paper'].get('batch_size', 32)} "
+                "(pass --batch-size 32 for the full batch)"
+            )
+        cfg = DMDDConfig.preset(name, **overrides)
+        infer_batch = args.infer_batch if args.infer_batch is not None else cfg.batch_size
+        print(f"  {name}: {cfg.image_size}x{cfg.image_size}, batch {cfg.batch_size} ...", flush=True)
+        preset_started = time.perf_counter()
+        result = benchmark_preset(
+            cfg,
+            teacher,
+            dataset_root,
+            args.category,
+            device,
+            steps=steps,
+            warmup=warmup,
+            infer_batch=infer_batch,
+            prebuilt=args.prebuilt,
+        )
+        result["seconds"] = round(time.perf_counter() - preset_started, 2)
+        gc.collect()
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+        results.append(result)
+
+    if device.type == "cuda":
+        notes.append("peak mem: torch.cuda.max_memory_allocated, stage 1 / stage 2 / inference")
+    else:
+        notes.append("peak mem: peak RSS of the whole process so far (ru_maxrss), not per phase")
+    notes.append("data img/s: synthetic pair generation + collation in the main process, excluded from the others")
+
+    total = time.perf_counter() - started
+    print()
+    print(format_table(results))
+    for note in notes:
+        print(f"note: {note}")
+    print(f"total time: {total:.1f} s")
+
+    report = {"environment": env, "results": results, "notes": notes, "total_seconds": round(total, 2)}
+    if args.json:
+        path = Path(args.json)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(report, indent=2))
+        print(f"wrote {path}")
+    return report
+
+
+if __name__ == "__main__":
+    main()
