@@ -249,6 +249,24 @@ def cpu_name() -> str:
     return platform.processor() or platform.machine()
 
 
+def cpu_snapshot() -> tuple[float, float, float] | None:
+    """(seconds of CPU busy on the whole machine, of this process, wall clock); None without /proc/stat."""
+    try:
+        fields = [int(v) for v in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
+        busy = (sum(fields) - fields[3] - (fields[4] if len(fields) > 4 else 0)) / os.sysconf("SC_CLK_TCK")
+    except (OSError, ValueError, IndexError):
+        return None
+    return busy, sum(os.times()[:2]), time.perf_counter()
+
+
+def other_processes_cpu_load(since: tuple[float, float, float] | None) -> float | None:
+    """Mean number of CPUs other processes kept busy since the snapshot ``since``."""
+    now = cpu_snapshot()
+    if since is None or now is None or now[2] <= since[2]:
+        return None
+    return max(0.0, ((now[0] - since[0]) - (now[1] - since[1])) / (now[2] - since[2]))
+
+
 def environment(device: torch.device) -> dict[str, Any]:
     env: dict[str, Any] = {
         "torch": torch.__version__,
@@ -258,7 +276,6 @@ def environment(device: torch.device) -> dict[str, Any]:
         "cpu_count": os.cpu_count(),
         "torch_threads": torch.get_num_threads(),
         "torch_interop_threads": torch.get_num_interop_threads(),
-        "load_average_1min": os.getloadavg()[0] if hasattr(os, "getloadavg") else None,
     }
     if device.type == "cuda":
         index = device.index if device.index is not None else torch.cuda.current_device()
@@ -342,12 +359,12 @@ def _run(args: argparse.Namespace) -> dict[str, Any]:
         notes.append("--amp and --channels-last apply on CUDA only (as in training); ignored on CPU")
 
     env = environment(device)
-    load = env["load_average_1min"]
-    if device.type == "cpu" and load is not None and load >= 0.5:
-        notes.append(
-            f"1-minute load average was {load:.2f} at start: other processes use the CPU, and with "
-            f"{env['torch_threads']} torch threads on {env['cpu_count']} CPUs the numbers can be far too low"
-        )
+    snapshot = cpu_snapshot()
+    time.sleep(0.5)
+    busy = other_processes_cpu_load(snapshot)
+    if device.type == "cpu" and busy is not None and busy >= 0.25:
+        notes.append(f"other processes kept {busy:.1f} CPU(s) busy at start")
+    snapshot = cpu_snapshot()
     env.update(teacher=teacher.name, teacher_source=teacher.source, data=data_name, category=args.category)
     print(
         f"torch {env['torch']} | device {device} ({env['device_name']}) | "
@@ -399,6 +416,13 @@ def _run(args: argparse.Namespace) -> dict[str, Any]:
         notes.append("peak mem: peak RSS of the whole process so far (ru_maxrss), not per phase")
     notes.append("data img/s: synthetic pair generation + collation in the main process, excluded from the others")
 
+    busy = other_processes_cpu_load(snapshot)
+    env["other_processes_cpus_busy"] = None if busy is None else round(busy, 2)
+    if device.type == "cpu" and busy is not None and busy >= 0.25:
+        notes.append(
+            f"other processes kept {busy:.1f} CPU(s) busy on average during the run, so the numbers are "
+            f"low{'' if env['torch_threads'] < (env['cpu_count'] or 1) else ' (with every CPU used by torch, far too low: try --threads 1)'}"
+        )
     total = time.perf_counter() - started
     print()
     print(format_table(results))

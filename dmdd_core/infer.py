@@ -183,6 +183,14 @@ def predict_folder(
     from tqdm.auto import tqdm
 
     files = image_files(folder)
+    seen: dict[Path, Path] = {}
+    for path in files:
+        key = path.relative_to(folder).with_suffix("")
+        if key in seen:
+            raise ValueError(
+                f"{seen[key]} and {path} would write the same map and overlay ({key}); rename one of them"
+            )
+        seen[key] = path
     root, out = Path(folder), Path(out_dir)
     size = model.cfg.image_size
     rows = []
@@ -198,7 +206,7 @@ def predict_folder(
             (out / "overlays" / rel).parent.mkdir(parents=True, exist_ok=True)
             np.save(out / "maps" / f"{rel}.npy", full.astype(np.float32))
             Image.fromarray(overlay(image, full)).save(out / "overlays" / f"{rel}.png")
-            rows.append({"path": str(rel.with_suffix(path.suffix)), "score": f"{float(s):.6f}", "width": w, "height": h})
+            rows.append({"path": path.relative_to(root).as_posix(), "score": f"{float(s):.6f}", "width": w, "height": h})
     csv_path = out / "scores.csv"
     tmp = csv_path.with_name("scores.csv.tmp")
     with tmp.open("w", newline="") as fh:

@@ -54,16 +54,15 @@ def anomaly_examples(
     titles: Sequence[str],
     extra: dict[str, Sequence[np.ndarray]] | None = None,
 ) -> plt.Figure:
-    """One row per example: image, ground truth, anomaly map (fixed 0..1 scale), plus optional extra maps."""
+    """One column per example; rows: image, ground truth, anomaly map (fixed 0..1 scale), then any extra maps."""
     extra = extra or {}
-    ncols = 3 + len(extra)
-    fig, axes = figure(len(images), ncols, size=(2.2 * ncols, 2.2 * len(images)))
-    for row, (img, mask, amap, title) in enumerate(zip(images, masks, maps, titles)):
-        show_image(axes[row, 0], img, title)
-        show_image(axes[row, 1], mask, "ground truth" if row == 0 else "", vmin=0, vmax=1)
-        show_image(axes[row, 2], amap, "anomaly map" if row == 0 else "", cmap="jet", vmin=0, vmax=1)
-        for col, (name, values) in enumerate(extra.items(), start=3):
-            show_image(axes[row, col], values[row], name if row == 0 else "", cmap="jet")
+    rows = [("image", images, {}), ("ground truth", masks, {"vmin": 0, "vmax": 1}), ("anomaly map", maps, {"cmap": "jet", "vmin": 0, "vmax": 1})]
+    rows += [(name, values, {"cmap": "jet"}) for name, values in extra.items()]
+    fig, axes = figure(len(rows), len(images), size=(1.9 * len(images), 1.9 * len(rows)))
+    for r, (name, values, kwargs) in enumerate(rows):
+        for c, value in enumerate(values):
+            show_image(axes[r, c], value, titles[c] if r == 0 else "", **kwargs)
+        axes[r, 0].set_ylabel(name)
     fig.tight_layout()
     return fig
 

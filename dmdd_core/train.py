@@ -266,6 +266,9 @@ def train(
         num_workers=cfg.num_workers,
         pin_memory=use_cuda,
         persistent_workers=False,
+        # An explicit generator keeps the loader from drawing from the global random state, which the
+        # checkpoint restores: resumed runs then see the same dropout masks as uninterrupted ones.
+        generator=torch.Generator(),
     )
     bar = tqdm(total=total, initial=start_step, desc=f"DMDD {category}", disable=show_progress(progress), file=sys.stderr)
     autocast = torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=use_cuda and cfg.amp)

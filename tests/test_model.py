@@ -243,9 +243,7 @@ def _reference_stage(in_ch: int, out_ch: int) -> nn.Sequential:
 def destseg_reference() -> tuple[nn.Module, nn.Module]:
     """DeSTSeg's student and segmentation network for a resnet18 teacher, built from their description."""
     encoder = timm.create_model("resnet18", pretrained=False, features_only=True)
-    decoder = nn.ModuleList(
-        _reference_stage(a, b) for a, b in ((512, 512), (512, 256), (256, 128), (128, 64))
-    )
+    decoder = nn.ModuleList(_reference_stage(a, b) for a, b in ((512, 512), (512, 256), (256, 128), (128, 64)))
     student = nn.ModuleList([encoder, decoder])
     segmentation = nn.Sequential(
         _reference_stage(64 + 128 + 256, 256),
