@@ -35,6 +35,9 @@ class DMDDConfig:
     """Perlin noise scale 2^k per axis with k in 0..perlin_max_scale_exp (clipped to the image). [DeSTSeg]"""
     perlin_threshold: float = 0.5
     """Perlin noise above this becomes the anomaly mask. [DeSTSeg]"""
+    match_grayscale: bool = True
+    """Turn textures to grayscale when pasted into a grayscale image, so colour never betrays a synthetic
+    anomaly. [ours; DeSTSeg pastes colour textures]"""
     rotate: bool = True
     """Apply the per-category rotation policy before synthesis (METHOD.md section 1). [DeSTSeg]"""
     texture_dir: str | None = None

@@ -284,22 +284,34 @@ def synthesize_anomaly(
     beta_max: float = 0.8,
     max_scale_exp: int = 5,
     threshold: float = 0.5,
+    match_grayscale: bool = True,
 ) -> tuple[np.ndarray, np.ndarray]:
     """Paste a texture into a normal image inside a Perlin mask. [DeSTSeg]
 
     image (H,W,3) float32 [0,1] -> (I_aug (H,W,3) float32, M (H,W) float32 {0,1}), with
     I_aug = I*(1-M) + (1-beta)*T*M + beta*I*M and beta ~ U(0, beta_max). Applied to every sample; M may be empty.
     Draw order from ``rng``: mask, texture, beta.
+
+    ``match_grayscale``: when the image is grayscale (three equal channels), the texture is turned to grayscale
+    too, so that colour alone never gives a synthetic anomaly away; real defects on a grayscale product are
+    grayscale. [ours; DeSTSeg pastes colour textures everywhere]
     """
     if image.ndim != 3 or image.shape[2] != 3:
         raise ValueError(f"synthesize_anomaly expects an (H,W,3) image, got shape {image.shape}")
     h, w = image.shape[:2]
     mask = perlin_mask((h, w), rng, max_scale_exp=max_scale_exp, threshold=threshold)
     texture = textures.sample(rng, (h, w))
+    if match_grayscale and is_grayscale(image):
+        texture = np.repeat(texture.mean(axis=2, keepdims=True), 3, axis=2)
     beta = float(rng.uniform(0.0, beta_max))
     m = mask[:, :, None]
     augmented = image * (1.0 - m) + (1.0 - beta) * texture * m + beta * image * m
     return augmented.astype(np.float32), mask
+
+
+def is_grayscale(image: np.ndarray, tolerance: float = 1e-6) -> bool:
+    """True when the three channels of an (H,W,3) image are equal."""
+    return bool(np.ptp(image, axis=2).max(initial=0.0) <= tolerance)
 
 
 # --- per-category rotation ---------------------------------------------------------------------------------------

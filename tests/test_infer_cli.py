@@ -256,11 +256,6 @@ def test_cli_missing_checkpoint_returns_an_error(tmp_path: Path, capsys: pytest.
 # --- the fast preset reaches its quality bar ----------------------------------------------------------------------
 @pytest.mark.slow
 @pytest.mark.filterwarnings("ignore:teacher='auto'")
-@pytest.mark.xfail(
-    strict=True,
-    reason="the fast preset (seg_channels 256 since it keeps the paper's architecture) reaches image AUROC "
-    "0.85-0.86 on brick, below 0.9",
-)
 def test_fast_preset_detects_brick_defects(builtin_root: Path, tmp_path_factory: pytest.TempPathFactory) -> None:
     cache = os.environ.get("DMDD_TEST_CACHE")
     out = (Path(cache) if cache else tmp_path_factory.mktemp("cache")) / "fast_brick"

@@ -78,6 +78,22 @@ def test_synthesize_anomaly_follows_blend_formula(tmp_path: Path) -> None:
     np.testing.assert_allclose(augmented[inside], expected, atol=1e-5)
 
 
+def test_grayscale_images_get_grayscale_anomalies(tmp_path: Path) -> None:
+    textures = _constant_texture(tmp_path / "tex", (200, 30, 90))
+    gray = np.repeat(np.random.default_rng(3).uniform(0.3, 0.7, size=(64, 64, 1)), 3, axis=2).astype(np.float32)
+    colour = np.random.default_rng(4).uniform(0.3, 0.7, size=(64, 64, 3)).astype(np.float32)
+    seed = next(s for s in range(100) if perlin_mask((64, 64), _rng(s)).any())
+    augmented, mask = synthesize_anomaly(gray, textures, _rng(seed))
+    assert mask.any() and np.ptp(augmented, axis=2).max() < 1e-5
+    inside = mask == 1
+    assert np.abs(augmented[inside] - gray[inside]).max() > 0.05
+    unmatched, _ = synthesize_anomaly(gray, textures, _rng(seed), match_grayscale=False)
+    assert np.ptp(unmatched[inside], axis=1).max() > 0.1
+    coloured, _ = synthesize_anomaly(colour, textures, _rng(seed))
+    red_shift = (coloured[inside, 0] - coloured[inside, 1]).mean() - (colour[inside, 0] - colour[inside, 1]).mean()
+    assert red_shift > 0.05
+
+
 def test_synthesize_anomaly_is_deterministic() -> None:
     textures = TextureSource.builtin()
     image = np.full((48, 48, 3), 0.5, dtype=np.float32)

@@ -162,6 +162,7 @@ class SyntheticPairDataset(Dataset[TrainPair]):
         beta_max: float = 0.8,
         max_scale_exp: int = 5,
         threshold: float = 0.5,
+        match_grayscale: bool = True,
     ) -> None:
         self.root = Path(root).expanduser()
         self.category = category
@@ -172,6 +173,7 @@ class SyntheticPairDataset(Dataset[TrainPair]):
         self.beta_max = beta_max
         self.max_scale_exp = max_scale_exp
         self.threshold = threshold
+        self.match_grayscale = match_grayscale
         self.paths = list_train_images(self.root, category)
         self._cache: dict[int, np.ndarray] = {}
 
@@ -197,6 +199,7 @@ class SyntheticPairDataset(Dataset[TrainPair]):
             beta_max=cfg.beta_max,
             max_scale_exp=cfg.perlin_max_scale_exp,
             threshold=cfg.perlin_threshold,
+            match_grayscale=cfg.match_grayscale,
         )
 
     def __len__(self) -> int:
@@ -226,6 +229,7 @@ class SyntheticPairDataset(Dataset[TrainPair]):
             beta_max=self.beta_max,
             max_scale_exp=self.max_scale_exp,
             threshold=self.threshold,
+            match_grayscale=self.match_grayscale,
         )
         return TrainPair(_to_chw(image), _to_chw(augmented), torch.from_numpy(mask[None].copy()))
 
