@@ -56,7 +56,11 @@ def anomaly_examples(
 ) -> plt.Figure:
     """One column per example; rows: image, ground truth, anomaly map (fixed 0..1 scale), then any extra maps."""
     extra = extra or {}
-    rows = [("image", images, {}), ("ground truth", masks, {"vmin": 0, "vmax": 1}), ("anomaly map", maps, {"cmap": "jet", "vmin": 0, "vmax": 1})]
+    rows: list[tuple[str, Sequence[np.ndarray], dict[str, Any]]] = [
+        ("image", images, {}),
+        ("ground truth", masks, {"vmin": 0, "vmax": 1}),
+        ("anomaly map", maps, {"cmap": "jet", "vmin": 0, "vmax": 1}),
+    ]
     rows += [(name, values, {"cmap": "jet"}) for name, values in extra.items()]
     fig, axes = figure(len(rows), len(images), size=(1.9 * len(images), 1.9 * len(rows)))
     for r, (name, values, kwargs) in enumerate(rows):

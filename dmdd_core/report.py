@@ -12,6 +12,7 @@ import torch
 
 from .config import DMDDConfig
 from .infer import Evaluation, evaluate
+from .model import build_teacher
 from .plots import anomaly_examples, loss_curves, save_figure
 from .train import atomic_write_text, train
 
@@ -58,9 +59,10 @@ def quickstart(cfg: DMDDConfig, root: Path, categories: list[str], out: Path) ->
 
     out.mkdir(parents=True, exist_ok=True)
     evaluations, timings = [], {}
+    teacher = build_teacher(cfg)
     for category in categories:
         started = time.perf_counter()
-        result = train(cfg, root, category, out / category)
+        result = train(cfg, root, category, out / category, teacher=teacher)
         ev = evaluate(result.model, root, category)
         timings[category] = round(time.perf_counter() - started, 1)
         print(ev.summary(), f"({timings[category]:.0f} s)", flush=True)
@@ -69,7 +71,6 @@ def quickstart(cfg: DMDDConfig, root: Path, categories: list[str], out: Path) ->
             save_figure(fig, f"quickstart_{category}_{name}", out / "figures")
             plt.close(fig)
     table = markdown_table(evaluations)
-    teacher = result.model.teacher
     meta = (
         f"DMDD, {cfg.preset_name} preset, teacher {teacher.name} ({teacher.source}); test split at "
         f"{cfg.image_size}x{cfg.image_size}; seed {cfg.seed}; checkpoint rule: last step; "

@@ -266,3 +266,20 @@ def test_fast_preset_detects_brick_defects(builtin_root: Path, tmp_path_factory:
     assert result.model.teacher.name == "tf_efficientnet_lite0"
     evaluation = evaluate(result.model, builtin_root, CATEGORY, progress=False)
     assert evaluation.metrics["image_auroc"] >= 0.9, evaluation.summary()
+
+
+def test_cli_quickstart_writes_results_for_every_category(builtin_root: Path, tmp_path: Path) -> None:
+    out = tmp_path / "quick start"
+    args = ["quickstart", "--preset", "smoke", "--data", str(builtin_root), "--teacher", "tf_efficientnet_lite0"]
+    assert main([*args, "--categories", "brick", "grass", "--out", str(out)]) == 0
+    results = json.loads((out / "results.json").read_text())
+    assert [r["category"] for r in results["results"]] == ["brick", "grass"]
+    for r in results["results"]:
+        for who in ("dmdd", "naive_baseline"):
+            assert set(r[who]) == {"image_auroc", "pixel_auroc"}
+            assert all(0.0 <= v <= 1.0 for v in r[who].values())
+        assert r["resolution"] == 64 and r["seed"] == 0 and r["split"] == "test"
+        assert (out / r["category"] / "checkpoint.pt").is_file()
+        assert (out / "figures" / f"quickstart_{r['category']}_examples.png").is_file()
+    table = (out / "results.md").read_text()
+    assert "| brick |" in table and "| grass |" in table and "**mean**" in table
