@@ -39,7 +39,7 @@ from torch.utils.data import default_collate
 from dmdd_core.config import PRESETS, DMDDConfig
 from dmdd_core.data import SyntheticPairDataset, TrainPair, ensure_builtin_dataset, stream_indices
 from dmdd_core.model import DMDD, Teacher, build_teacher
-from dmdd_core.train import build_optimizers, distillation_step, segmentation_step, select_device
+from dmdd_core.train import build_optimizers, select_device, train_step
 
 CPU_PAPER_BATCH = 8
 DEFAULT_STEPS = {"cpu": 5, "cuda": 20}
@@ -175,33 +175,21 @@ def benchmark_preset(
     memory: dict[str, float | None] = {}
 
     def stage1(i: int) -> None:
-        with autocast:
-            losses = distillation_step(model, batches[i % len(batches)], cfg)
-        opt_student.zero_grad(set_to_none=True)
-        losses["loss"].backward()
-        opt_student.step()
+        train_step(model, batches[i % len(batches)], cfg, 1, opt_student, autocast)
 
     def stage2(i: int) -> None:
-        with autocast:
-            losses = segmentation_step(model, batches[i % len(batches)], cfg)
-        opt_seg.zero_grad(set_to_none=True)
-        losses["loss"].backward()
-        opt_seg.step()
+        train_step(model, batches[i % len(batches)], cfg, 2, opt_seg, autocast)
 
     def infer(_: int) -> None:
         with torch.no_grad(), autocast:
             model(images)
 
     _reset_peak(device)
-    model.student.train(True)
-    model.segmentation.train(False)
     stage1_s = _timed(device, stage1, warmup, steps)
     memory["stage1"] = _peak_mib(device)
     opt_student.zero_grad(set_to_none=True)
 
     _reset_peak(device)
-    model.student.train(False)
-    model.segmentation.train(True)
     stage2_s = _timed(device, stage2, warmup, steps)
     memory["stage2"] = _peak_mib(device)
     opt_seg.zero_grad(set_to_none=True)

@@ -24,7 +24,7 @@ from .data import TestDataset, list_train_images, load_image
 from .imageio import IMAGE_EXTENSIONS, read_rgb
 from .metrics import image_auroc, pixel_auroc
 from .model import DMDD
-from .train import show_progress
+from .train import progress_disabled
 
 
 @dataclass
@@ -58,7 +58,7 @@ def predict_dataset(model: DMDD, dataset: TestDataset, batch_size: int = 16, pro
 
     maps, scores, masks, labels, paths, types = [], [], [], [], [], []
     loader = DataLoader(dataset, batch_size=batch_size, shuffle=False)
-    for batch in tqdm(loader, desc="predict", disable=show_progress(progress), file=sys.stderr):
+    for batch in tqdm(loader, desc="predict", disable=progress_disabled(progress), file=sys.stderr):
         m, s = predict_batch(model, batch.image)
         maps.append(m.float().cpu().numpy())
         scores.append(s.float().cpu().numpy())
@@ -194,7 +194,7 @@ def predict_folder(
     root, out = Path(folder), Path(out_dir)
     size = model.cfg.image_size
     rows = []
-    for start in tqdm(range(0, len(files), batch_size), desc="predict", disable=show_progress(progress), file=sys.stderr):
+    for start in tqdm(range(0, len(files), batch_size), desc="predict", disable=progress_disabled(progress), file=sys.stderr):
         chunk = files[start : start + batch_size]
         maps, scores = predict_batch(model, torch.stack([load_image(p, size) for p in chunk]))
         for path, m, s in zip(chunk, maps.float().cpu(), scores.float().cpu()):

@@ -56,7 +56,7 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def show_progress(progress: bool | None) -> bool | None:
+def progress_disabled(progress: bool | None) -> bool | None:
     """tqdm's ``disable``: forced by ``progress``; else off in fast mode and CI, tqdm's own choice otherwise."""
     if progress is not None:
         return not progress
@@ -123,6 +123,26 @@ def segmentation_step(model: DMDD, batch: TrainPair, cfg: DMDDConfig) -> dict[st
     target = segmentation_target(batch.mask, logits.shape[-2:])
     losses = {"focal": focal_loss(logits, target, cfg.focal_gamma), "l1": l1_loss(logits, target)}
     losses["loss"] = losses["focal"] + losses["l1"]
+    return losses
+
+
+def train_step(
+    model: DMDD,
+    batch: TrainPair,
+    cfg: DMDDConfig,
+    stage: int,
+    optimizer: torch.optim.Optimizer,
+    autocast: torch.autocast,
+) -> dict[str, Tensor]:
+    """One optimisation step of ``stage`` (1: distillation, 2: segmentation), with the train/eval modes that
+    stage needs: the student trains in stage 1 and is frozen in eval mode in stage 2."""
+    model.student.train(stage == 1)
+    model.segmentation.train(stage == 2)
+    with autocast:
+        losses = distillation_step(model, batch, cfg) if stage == 1 else segmentation_step(model, batch, cfg)
+    optimizer.zero_grad(set_to_none=True)
+    losses["loss"].backward()
+    optimizer.step()
     return losses
 
 
@@ -270,7 +290,7 @@ def train(
         # checkpoint restores: resumed runs then see the same dropout masks as uninterrupted ones.
         generator=torch.Generator(),
     )
-    bar = tqdm(total=total, initial=start_step, desc=f"DMDD {category}", disable=show_progress(progress), file=sys.stderr)
+    bar = tqdm(total=total, initial=start_step, desc=f"DMDD {category}", disable=progress_disabled(progress), file=sys.stderr)
     autocast = torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=use_cuda and cfg.amp)
     step = start_step
     started = time.perf_counter()
@@ -280,14 +300,7 @@ def train(
             if memory_format is torch.channels_last:
                 batch = TrainPair(*(t.contiguous(memory_format=memory_format) for t in batch))
             stage = 1 if step < cfg.stage1_steps else 2
-            model.student.train(stage == 1)
-            model.segmentation.train(stage == 2)
-            optimizer = opt_student if stage == 1 else opt_seg
-            with autocast:
-                losses = distillation_step(model, batch, cfg) if stage == 1 else segmentation_step(model, batch, cfg)
-            optimizer.zero_grad(set_to_none=True)
-            losses["loss"].backward()
-            optimizer.step()
+            losses = train_step(model, batch, cfg, stage, opt_student if stage == 1 else opt_seg, autocast)
             step += 1
             entry = {"step": step, "stage": stage, **{k: float(v.detach()) for k, v in losses.items()}}
             entry["seconds"] = round(time.perf_counter() - started, 3)

@@ -163,13 +163,3 @@ def _from_hub_cache(name: str, model: nn.Module) -> nn.Module | None:
             return model
     return None
 
-
-def resolve_teacher_name(name: str, weights: str | Path | None = None) -> str:
-    """``auto`` becomes resnet18 when its weights can be had, else the offline teacher; others pass through."""
-    if name != "auto":
-        return name
-    if weights is not None:
-        return "resnet18"
-    if hub_reachable() or _from_hub_cache("resnet18", timm.create_model("resnet18", pretrained=False)):
-        return "resnet18"
-    return OFFLINE_TEACHER
