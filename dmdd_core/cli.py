@@ -8,9 +8,13 @@ import sys
 import time
 import warnings
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
+from .catalog import DATASET_KINDS
 from .config import PRESETS, DMDDConfig
+
+if TYPE_CHECKING:
+    from .data import DataSource
 
 BUILTIN = "builtin"
 
@@ -35,13 +39,25 @@ def _data_root(value: str) -> Path:
         return ensure_builtin_dataset()
     root = Path(value).expanduser()
     if not root.is_dir():
-        raise SystemExit(f"error: --data {value}: folder not found (give a dataset root in MVTec AD layout, or 'builtin')")
+        raise SystemExit(
+            f"error: --data {value}: folder not found. Give a dataset root (MVTec AD, MPDD, VisA, or a folder of your "
+            "own with --dataset folder), or 'builtin'; `dmdd download --help` fetches the public datasets"
+        )
     return root
+
+
+def _source(args: argparse.Namespace, root: Path | None = None) -> DataSource:
+    """The dataset of ``--data``/``--dataset``/``--mask-suffix``."""
+    from .data import open_source
+
+    root = root if root is not None else _data_root(args.data)
+    kind = "builtin" if args.data == BUILTIN else args.dataset
+    return open_source(root, kind, mask_suffix=args.mask_suffix)
 
 
 def _config(args: argparse.Namespace) -> DMDDConfig:
     overrides: dict[str, Any] = {}
-    for name in ("seed", "teacher", "teacher_weights", "device", "image_size", "batch_size", "num_workers"):
+    for name in ("seed", "teacher", "teacher_weights", "device", "image_size", "batch_size", "num_workers", "val_fraction"):
         value = getattr(args, name, None)
         if value is not None:
             overrides[name] = value
@@ -63,7 +79,9 @@ def _config(args: argparse.Namespace) -> DMDDConfig:
 
 def _add_common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--preset", default="fast", choices=sorted(PRESETS), help="settings preset: 'paper' is the full setting of the method card (GPU), 'fast' trains in ~2 min on CPU (default: fast)")
-    p.add_argument("--data", default=BUILTIN, help="dataset root in MVTec AD layout, or 'builtin' for the generated offline dataset (default)")
+    p.add_argument("--data", default=BUILTIN, help="dataset root, or 'builtin' for the generated offline dataset (default)")
+    _add_data_options(p)
+    p.add_argument("--val-fraction", dest="val_fraction", type=float, help="share of the training images held out for validation (default 0.1; 0 for none)")
     p.add_argument("--seed", type=int, help="random seed (default 0)")
     p.add_argument("--device", help="'auto' (CUDA if available), 'cpu', 'cuda', 'cuda:1'...")
     p.add_argument("--teacher", help="teacher backbone: auto (resnet18 if its weights can be had, else tf_efficientnet_lite0), resnet18, wide_resnet50_2, tf_efficientnet_lite0, or any timm CNN")
@@ -79,6 +97,12 @@ def _add_common(p: argparse.ArgumentParser) -> None:
         p.add_argument(f"--no-{switch}", dest=switch, action="store_false", help=f"turn off {text} (all three off: DeSTSeg)")
 
 
+def _add_data_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--dataset", default="auto", choices=DATASET_KINDS, help="layout of --data: mvtec, mpdd, visa (its split_csv), builtin, folder (one category of your own: DIR/train/good, DIR/test/<type>, DIR/ground_truth/<type>), or auto (detect; default)")
+    p.add_argument("--mask-suffix", dest="mask_suffix", default="_mask", help="ground-truth mask name: <image stem><suffix>.png (default _mask; '' for the image's own name)")
+    p.add_argument("--skip-bad", dest="skip_bad", action="store_true", help="leave unreadable images and unpaired masks out (each is logged, and counted in the report) instead of stopping")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="dmdd", description=DESCRIPTION, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -90,18 +114,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-resume", dest="resume", action="store_false", help="start over even if --out holds a checkpoint")
     p.add_argument("--evaluate", action="store_true", help="evaluate on the test split after training")
 
-    p = sub.add_parser("evaluate", help="image and pixel AUROC of a trained model on a test split")
+    p = sub.add_parser("evaluate", help="image and pixel AUROC of a trained model on the test (or validation) split")
     p.add_argument("--checkpoint", required=True, help="checkpoint.pt, or the run folder holding it")
     p.add_argument("--data", help="dataset root (default: the one the model was trained on)")
+    _add_data_options(p)
     p.add_argument("--category", help="category (default: the one the model was trained on)")
+    p.add_argument("--split", default="test", choices=("test", "val"), help="test: the dataset's labelled test images (default); val: the held-out training images with synthetic anomalies")
     p.add_argument("--device", default="auto")
     p.add_argument("--json", help="also write the metrics to this JSON file")
 
     p = sub.add_parser("predict", help="anomaly maps, overlays and scores for every image in a folder")
     p.add_argument("--checkpoint", required=True, help="checkpoint.pt, or the run folder holding it")
     p.add_argument("--input", required=True, help="folder of images (searched recursively)")
-    p.add_argument("--out", required=True, help="output folder: maps/*.npy, overlays/*.png, scores.csv")
+    p.add_argument("--out", required=True, help="output folder: maps/*.npy, overlays/*.png, masks/*.png, scores.csv")
     p.add_argument("--device", default="auto")
+    p.add_argument("--skip-bad", dest="skip_bad", action="store_true", help="leave unreadable images out (listed in skipped.csv) instead of stopping")
 
     p = sub.add_parser("quickstart", help="train and evaluate every category of a dataset, print metrics beside the naive baseline, write figures")
     _add_common(p)
@@ -111,21 +138,29 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    from .data import list_categories
     from .train import train
 
     cfg = _config(args)
-    root = _data_root(args.data)
-    category = args.category or list_categories(root)[0]
+    source = _source(args)
+    categories = source.categories()
+    if not categories:
+        raise FileNotFoundError(f"no categories in {source.root} (read as {source.kind}); check --data and --dataset")
+    category = args.category or categories[0]
     out = Path(args.out or f"runs/{category}")
-    print(f"training DMDD ({cfg.preset_name} preset) on {root}/{category} -> {out}")
-    result = train(cfg, root, category, out, resume=args.resume)
+    print(f"training DMDD ({cfg.preset_name} preset) on {source.root} ({source.kind}), category {category} -> {out}")
+    result = train(cfg, source, category, out, resume=args.resume, skip_bad=args.skip_bad)
     last = result.log[-1] if result.log else {}
     print(f"done: step {last.get('step', cfg.total_steps)}, checkpoint {result.checkpoint}, teacher {result.model.teacher.name} ({result.model.teacher.source})")
+    if result.input_report.summary():
+        print(f"input: {result.input_report.summary()} (listed in {out / 'log.json'})")
+    history = result.validation.get("history", [])
+    if history:
+        v = history[-1]
+        print(f"val split ({result.validation['num_images']} held-out images + synthetic anomalies): image AUROC {v['image_auroc']:.3f}, pixel AUROC {v['pixel_auroc']:.3f}")
     if args.evaluate:
         from .infer import evaluate
 
-        print(evaluate(result.model, root, category).summary())
+        print(evaluate(result.model, source, category, skip_bad=args.skip_bad).summary())
     return 0
 
 
@@ -134,9 +169,14 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     from .train import load_checkpoint
 
     model, state = load_checkpoint(args.checkpoint, args.device)
-    root = _data_root(args.data) if args.data else Path(state["data_root"])
+    if args.data:
+        source = _source(args)
+    else:
+        from .data import source_from_description
+
+        source = source_from_description(state.get("data") or {"root": state["data_root"]})
     category = args.category or state["category"]
-    result = evaluate(model, root, category)
+    result = evaluate(model, source, category, split=args.split, skip_bad=args.skip_bad)
     print(result.summary())
     if args.json:
         Path(args.json).write_text(json.dumps(result.to_dict(), indent=2))
@@ -147,20 +187,22 @@ def cmd_predict(args: argparse.Namespace) -> int:
     from .infer import predict_folder
     from .train import load_checkpoint
 
-    model, _ = load_checkpoint(args.checkpoint, args.device)
-    csv_path = predict_folder(model, args.input, args.out)
+    model, state = load_checkpoint(args.checkpoint, args.device)
+    thresholds = (state.get("validation") or {}).get("thresholds")
+    csv_path = predict_folder(model, args.input, args.out, thresholds=thresholds, skip_bad=args.skip_bad)
+    if thresholds is None:
+        print("no validation thresholds in this checkpoint (trained with --val-fraction 0?): no anomalous column, no masks")
     print(f"wrote maps, overlays and {csv_path}")
     return 0
 
 
 def cmd_quickstart(args: argparse.Namespace) -> int:
-    from .data import list_categories
     from .report import quickstart
 
     cfg = _config(args)
-    root = _data_root(args.data)
-    categories = args.categories or list_categories(root)
-    quickstart(cfg, root, categories, Path(args.out))
+    source = _source(args)
+    categories = args.categories or source.categories()
+    quickstart(cfg, source, categories, Path(args.out), skip_bad=args.skip_bad)
     return 0
 
 

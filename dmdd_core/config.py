@@ -40,6 +40,12 @@ class DMDDConfig:
     anomaly. [ours; DeSTSeg pastes colour textures]"""
     rotate: bool = True
     """Apply the per-category rotation policy before synthesis (METHOD.md section 1). [DeSTSeg]"""
+    val_fraction: float = 0.1
+    """Share of the normal training images held out as the validation split (never trained on); used for
+    thresholds and checks during training, never the test set. 0 disables it. [ours]"""
+    val_seed: int = 0
+    """Seed of the validation split and of its synthetic anomalies; independent of ``seed``, so every run of a
+    category validates on the same images. [ours]"""
     texture_dir: str | None = None
     """Folder of texture images (DTD in the paper's setting); None: the offline textures shipped with
     installed packages plus procedural ones. [ours]"""
@@ -101,8 +107,10 @@ class DMDDConfig:
     seed: int = 0
     checkpoint_every: int = 250
     """Steps between checkpoints; the last step is always written. Checkpoint rule: the last step. [ours]"""
-    num_workers: int = 0
-    """DataLoader workers; 0 loads in the main process."""
+    num_workers: int = -1
+    """DataLoader worker processes for the synthetic pairs; 0 loads in the main process; -1 (auto): on CUDA up to
+    4 (leaving a core to the main process), on CPU 0, where workers would compete with the model for the cores.
+    [ours]"""
 
     # --- inference -------------------------------------------------------------------------------------------
     top_k: int = 100
@@ -139,6 +147,8 @@ class DMDDConfig:
             raise ValueError(f"batch_size must be >= 1, got {self.batch_size}")
         if not 0.0 <= self.beta_max < 1.0:
             raise ValueError(f"beta_max must be in [0, 1), got {self.beta_max}")
+        if not 0.0 <= self.val_fraction < 1.0:
+            raise ValueError(f"val_fraction must be in [0, 1), got {self.val_fraction}")
         if self.aim_teacher_image not in ("augmented", "original"):
             raise ValueError(f"aim_teacher_image must be 'augmented' or 'original', got {self.aim_teacher_image!r}")
         if self.ngm_region not in ("all", "normal"):

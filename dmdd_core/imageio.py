@@ -32,7 +32,7 @@ def open_image(path: str | Path) -> Image.Image:
         with Image.open(p) as img:
             img.load()
             return img.copy() if img.mode != "P" else img.convert("RGBA")
-    except (UnidentifiedImageError, OSError, SyntaxError) as err:
+    except (UnidentifiedImageError, OSError, SyntaxError, Image.DecompressionBombError) as err:
         raise ValueError(f"cannot read image {p}: {err}. Is it a valid image file?") from err
 
 
@@ -51,7 +51,11 @@ def read_rgb(path: str | Path, size: tuple[int, int] | None = None) -> np.ndarra
 
     A non-square image is stretched to ``size`` (no crop), as DeSTSeg resizes MVTec AD images. [DeSTSeg]
     """
-    img = open_image(path)
+    return rgb_array(open_image(path), size)
+
+
+def rgb_array(img: Image.Image, size: tuple[int, int] | None = None) -> np.ndarray:
+    """A decoded image -> (H,W,3) float32 in [0,1], as :func:`read_rgb`."""
     if img.mode in _HIGH_BIT_MODES:
         gray = _high_bit_gray(img)
         if size is not None:
@@ -66,7 +70,11 @@ def read_rgb(path: str | Path, size: tuple[int, int] | None = None) -> np.ndarra
 
 def read_binary_mask(path: str | Path, size: tuple[int, int] | None = None) -> np.ndarray:
     """Mask file -> (H,W) float32 in {0,1}: any non-zero colour channel is foreground; nearest resize."""
-    img = open_image(path)
+    return binary_mask_array(open_image(path), size)
+
+
+def binary_mask_array(img: Image.Image, size: tuple[int, int] | None = None) -> np.ndarray:
+    """A decoded mask -> (H,W) float32 in {0,1}, as :func:`read_binary_mask`."""
     arr = np.asarray(img)
     if arr.ndim == 3:
         colour_channels = 1 if img.mode in ("LA", "La", "PA") else min(arr.shape[2], 3)

@@ -9,6 +9,7 @@ from __future__ import annotations
 import csv
 import os
 import sys
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -20,8 +21,17 @@ from torch import Tensor
 from torch.utils.data import DataLoader
 
 from .baseline import MeanImageBaseline
-from .data import TestDataset, list_train_images, load_image
-from .imageio import IMAGE_EXTENSIONS, read_rgb
+from .data import (
+    CategoryData,
+    DataSource,
+    InputReport,
+    LabelledDataset,
+    TestDataset,
+    ValidationDataset,
+    as_source,
+    default_textures,
+)
+from .imageio import IMAGE_EXTENSIONS, open_image, rgb_array
 from .metrics import image_auroc, pixel_auroc
 from .model import DMDD
 from .train import progress_disabled
@@ -52,8 +62,8 @@ def predict_batch(model: DMDD, images: Tensor) -> tuple[Tensor, Tensor]:
     return out.anomaly_map[:, 0], out.score
 
 
-def predict_dataset(model: DMDD, dataset: TestDataset, batch_size: int = 16, progress: bool | None = None) -> Predictions:
-    """Run the model over a test split."""
+def predict_dataset(model: DMDD, dataset: LabelledDataset, batch_size: int = 16, progress: bool | None = None) -> Predictions:
+    """Run the model over a labelled split (test or validation)."""
     from tqdm.auto import tqdm
 
     maps, scores, masks, labels, paths, types = [], [], [], [], [], []
@@ -89,13 +99,19 @@ class Evaluation:
     num_images: int
     num_defective: int
     split: str = "test"
+    """"test" (the dataset's labelled test images) or "val" (held-out training images, synthetic anomalies)."""
     checkpoint_rule: str = "last step"
+    data: dict[str, str] = field(default_factory=dict)
+    """The dataset it was computed on (root, kind...)."""
+    input_report: InputReport = field(default_factory=InputReport)
+    """Files skipped (``skip_bad``) or masks resized while loading the split and the baseline's images."""
     predictions: Predictions | None = field(default=None, repr=False)
 
     def to_dict(self) -> dict[str, Any]:
         return {
             "category": self.category,
             "split": self.split,
+            "data": self.data,
             "resolution": self.resolution,
             "seed": self.seed,
             "checkpoint_rule": self.checkpoint_rule,
@@ -103,6 +119,7 @@ class Evaluation:
             "num_defective": self.num_defective,
             "dmdd": self.metrics,
             "naive_baseline": self.baseline,
+            "input": self.input_report.to_dict(),
         }
 
     def summary(self) -> str:
@@ -110,7 +127,9 @@ class Evaluation:
         return (
             f"{self.category}: image AUROC {m['image_auroc']:.3f} (baseline {b['image_auroc']:.3f}), "
             f"pixel AUROC {m['pixel_auroc']:.3f} (baseline {b['pixel_auroc']:.3f}) "
-            f"[{self.split} split, {self.num_images} images, {self.resolution}x{self.resolution}, seed {self.seed}]"
+            f"[{self.split} split, {self.num_images} images, {self.resolution}x{self.resolution}, seed {self.seed}"
+            + (f"; {self.input_report.summary()}" if self.input_report.summary() else "")
+            + "]"
         )
 
 
@@ -120,29 +139,48 @@ def _metrics(labels: np.ndarray, scores: np.ndarray, masks: np.ndarray, maps: np
 
 def evaluate(
     model: DMDD,
-    data_root: str | Path,
+    data: str | Path | DataSource,
     category: str,
     *,
+    split: str = "test",
     batch_size: int = 16,
+    skip_bad: bool = False,
     progress: bool | None = None,
 ) -> Evaluation:
-    """Image and pixel AUROC of the model on ``data_root/category/test`` at the model's input resolution,
-    with the naive baseline fitted on the same category's training images."""
-    size = model.cfg.image_size
-    dataset = TestDataset(data_root, category, size)
+    """Image and pixel AUROC of the model on one split of ``data`` (a dataset root of any layout, or a source)
+    at the model's input resolution, beside the naive baseline fitted on the same training share.
+
+    ``split`` is "test" (the dataset's labelled test images) or "val" (the held-out share of the training
+    images with synthetic anomalies, as chosen by the model's config). ``skip_bad`` leaves unreadable files out
+    and counts them in the report instead of stopping.
+    """
+    if split not in ("test", "val"):
+        raise ValueError(f"split must be 'test' or 'val', got {split!r}")
+    cfg = model.cfg
+    size = cfg.image_size
+    source = as_source(data)
+    category_data = CategoryData.from_config(source, category, cfg, skip_bad=skip_bad, progress=progress)
+    report = InputReport().extend(category_data.report)
+    dataset: LabelledDataset
+    if split == "test":
+        dataset = TestDataset(source, category, size, skip_bad=skip_bad, report=report, progress=progress)
+    else:
+        dataset = ValidationDataset.from_config(category_data, cfg, default_textures(category, cfg))
     preds = predict_dataset(model, dataset, batch_size, progress)
-    train_images = torch.stack([load_image(p, size) for p in list_train_images(data_root, category)])
-    baseline = MeanImageBaseline(top_k=model.cfg.top_k).fit(train_images)
-    test_images = torch.stack([dataset[i].image for i in range(len(dataset))])
-    base_maps, base_scores = baseline.predict(test_images)
+    train_images = torch.from_numpy(category_data.train_images).permute(0, 3, 1, 2).float().div(255.0)
+    baseline = MeanImageBaseline(top_k=cfg.top_k).fit(train_images)
+    base_maps, base_scores = baseline.predict(dataset.image_tensor())
     return Evaluation(
         category=category,
         metrics=_metrics(preds.labels, preds.scores, preds.masks, preds.maps),
         baseline=_metrics(preds.labels, base_scores, preds.masks, base_maps),
         resolution=size,
-        seed=model.cfg.seed,
+        seed=cfg.seed,
         num_images=len(dataset),
         num_defective=int(preds.labels.sum()),
+        split=split,
+        data=source.describe(),
+        input_report=report,
         predictions=preds,
     )
 
@@ -171,16 +209,23 @@ def predict_folder(
     folder: str | Path,
     out_dir: str | Path,
     *,
+    thresholds: dict[str, Any] | None = None,
+    skip_bad: bool = False,
     batch_size: int = 8,
     progress: bool | None = None,
 ) -> Path:
     """Predict every image under ``folder``; write to ``out_dir``, mirroring the folder's sub-paths:
 
     ``maps/<name>.npy`` (float32 anomaly map at the image's own size), ``overlays/<name>.png`` and
-    ``scores.csv`` (path, score, width, height). Returns the CSV's path.
+    ``scores.csv`` (path, score, width, height). With ``thresholds`` (the ``{"image": t, "pixel": t}`` chosen on
+    the validation split at training, saved in the checkpoint) the CSV also says whether each image is
+    anomalous, and ``masks/<name>.png`` holds the binary map. Unreadable images raise, or with ``skip_bad`` are
+    left out, warned about and listed in ``skipped.csv``. Returns the CSV's path.
     """
     from PIL import Image
     from tqdm.auto import tqdm
+
+    from .data import BadInputError, Problem
 
     files = image_files(folder)
     seen: dict[Path, Path] = {}
@@ -193,25 +238,51 @@ def predict_folder(
         seen[key] = path
     root, out = Path(folder), Path(out_dir)
     size = model.cfg.image_size
-    rows = []
+    rows, problems = [], []
+    fields = ["path", "score", "width", "height"] + (["anomalous"] if thresholds else [])
     for start in tqdm(range(0, len(files), batch_size), desc="predict", disable=progress_disabled(progress), file=sys.stderr):
-        chunk = files[start : start + batch_size]
-        maps, scores = predict_batch(model, torch.stack([load_image(p, size) for p in chunk]))
-        for path, m, s in zip(chunk, maps.float().cpu(), scores.float().cpu()):
-            image = read_rgb(path)
+        chunk, images, resized = [], [], []
+        for path in files[start : start + batch_size]:
+            try:
+                decoded = open_image(path)
+            except (ValueError, FileNotFoundError) as err:
+                problems.append(Problem(str(path), str(err)))
+                continue
+            chunk.append(path)
+            images.append(rgb_array(decoded))
+            resized.append(torch.from_numpy(rgb_array(decoded, (size, size)).transpose(2, 0, 1).copy()))
+        if not chunk:
+            continue
+        inputs = torch.stack(resized)
+        maps, scores = predict_batch(model, inputs)
+        for path, image, m, s in zip(chunk, images, maps.float().cpu(), scores.float().cpu()):
             h, w = image.shape[:2]
             full = F.interpolate(m[None, None], size=(h, w), mode="bilinear", align_corners=False)[0, 0].numpy()
             rel = path.relative_to(root).with_suffix("")
-            (out / "maps" / rel).parent.mkdir(parents=True, exist_ok=True)
-            (out / "overlays" / rel).parent.mkdir(parents=True, exist_ok=True)
+            for kind in ("maps", "overlays", "masks") if thresholds else ("maps", "overlays"):
+                (out / kind / rel).parent.mkdir(parents=True, exist_ok=True)
             np.save(out / "maps" / f"{rel}.npy", full.astype(np.float32))
             Image.fromarray(overlay(image, full)).save(out / "overlays" / f"{rel}.png")
-            rows.append({"path": path.relative_to(root).as_posix(), "score": f"{float(s):.6f}", "width": w, "height": h})
-    csv_path = out / "scores.csv"
-    tmp = csv_path.with_name("scores.csv.tmp")
+            row: dict[str, Any] = {"path": path.relative_to(root).as_posix(), "score": f"{float(s):.6f}", "width": w, "height": h}
+            if thresholds:
+                row["anomalous"] = int(float(s) >= thresholds["image"])
+                Image.fromarray(((full >= thresholds["pixel"]) * 255).astype(np.uint8)).save(out / "masks" / f"{rel}.png")
+            rows.append(row)
+    if problems and not skip_bad:
+        raise BadInputError(problems, "images")
+    _write_csv(out / "skipped.csv", ["path", "reason"], [{"path": p.path, "reason": p.reason} for p in problems])
+    for problem in problems:
+        warnings.warn(f"skipped {problem}", stacklevel=2)
+    return _write_csv(out / "scores.csv", fields, rows)
+
+
+def _write_csv(path: Path, fields: list[str], rows: list[dict[str, Any]]) -> Path:
+    """Write ``rows`` to ``path`` atomically (a temporary file, then a rename)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
     with tmp.open("w", newline="") as fh:
-        writer = csv.DictWriter(fh, fieldnames=["path", "score", "width", "height"])
+        writer = csv.DictWriter(fh, fieldnames=fields)
         writer.writeheader()
         writer.writerows(rows)
-    os.replace(tmp, csv_path)
-    return csv_path
+    os.replace(tmp, path)
+    return path

@@ -11,26 +11,32 @@ import numpy as np
 import torch
 
 from .config import DMDDConfig
+from .data import DataSource, as_source
 from .infer import Evaluation, evaluate
 from .model import build_teacher
 from .plots import anomaly_examples, loss_curves, save_figure
 from .train import atomic_write_text, train
 
 
-def markdown_table(evaluations: list[Evaluation]) -> str:
-    """Per-category image and pixel AUROC of DMDD and of the naive baseline, with their mean."""
-    lines = [
-        "| category | image AUROC | pixel AUROC | baseline image AUROC | baseline pixel AUROC |",
-        "|---|---|---|---|---|",
-    ]
+def markdown_table(evaluations: list[Evaluation], validation: list[dict[str, float]] | None = None) -> str:
+    """Per-category image and pixel AUROC of DMDD and of the naive baseline on each evaluation's split, with
+    their mean; with ``validation`` (one dict per category, e.g. the last entry of a run's validation history)
+    two more columns give the validation split's AUROCs."""
+    split = evaluations[0].split if evaluations else "test"
+    head = ["image AUROC", "pixel AUROC", "baseline image AUROC", "baseline pixel AUROC"]
+    head = [f"{split} {h}" for h in head] + (["val image AUROC", "val pixel AUROC"] if validation else [])
+    lines = ["| category | " + " | ".join(head) + " |", "|---" * (len(head) + 1) + "|"]
     keys = ("image_auroc", "pixel_auroc")
-    for ev in evaluations:
-        cells = [f"{ev.metrics[k]:.3f}" for k in keys] + [f"{ev.baseline[k]:.3f}" for k in keys]
-        lines.append(f"| {ev.category} | " + " | ".join(cells) + " |")
+
+    def row(ev: Evaluation, i: int) -> list[float]:
+        values = [ev.metrics[k] for k in keys] + [ev.baseline[k] for k in keys]
+        return values + ([validation[i].get(k, float("nan")) for k in keys] if validation else [])
+
+    rows = [row(ev, i) for i, ev in enumerate(evaluations)]
+    for ev, values in zip(evaluations, rows):
+        lines.append(f"| {ev.category} | " + " | ".join(f"{v:.3f}" for v in values) + " |")
     if len(evaluations) > 1:
-        mean = [np.mean([ev.metrics[k] for ev in evaluations]) for k in keys]
-        mean += [np.mean([ev.baseline[k] for ev in evaluations]) for k in keys]
-        lines.append("| **mean** | " + " | ".join(f"**{v:.3f}**" for v in mean) + " |")
+        lines.append("| **mean** | " + " | ".join(f"**{v:.3f}**" for v in np.nanmean(rows, axis=0)) + " |")
     return "\n".join(lines)
 
 
@@ -52,28 +58,37 @@ def example_figure(ev: Evaluation, per_kind: int = 2):
     return anomaly_examples(images, [preds.masks[i] for i in picks], [preds.maps[i] for i in picks], titles)
 
 
-def quickstart(cfg: DMDDConfig, root: Path, categories: list[str], out: Path) -> list[Evaluation]:
+def quickstart(
+    cfg: DMDDConfig, root: Path | DataSource, categories: list[str], out: Path, *, skip_bad: bool = False
+) -> list[Evaluation]:
     """Train (or load, when finished before) and evaluate each category; write ``results.json``,
     ``results.md`` and figures under ``out``; print the table."""
     import matplotlib.pyplot as plt
 
     out.mkdir(parents=True, exist_ok=True)
-    evaluations, timings = [], {}
+    evaluations, timings, validation = [], {}, []
     teacher = build_teacher(cfg)
+    source = as_source(root)
     for category in categories:
         started = time.perf_counter()
-        result = train(cfg, root, category, out / category, teacher=teacher)
-        ev = evaluate(result.model, root, category)
+        result = train(cfg, source, category, out / category, teacher=teacher, skip_bad=skip_bad)
+        ev = evaluate(result.model, source, category, skip_bad=skip_bad)
+        ev.input_report.extend(result.input_report)
+        history = result.validation.get("history", [])
+        validation.append(history[-1] if history else {})
         timings[category] = round(time.perf_counter() - started, 1)
         print(ev.summary(), f"({timings[category]:.0f} s)", flush=True)
         evaluations.append(ev)
         for name, fig in (("losses", loss_curves(result.log, category)), ("examples", example_figure(ev))):
             save_figure(fig, f"quickstart_{category}_{name}", out / "figures")
             plt.close(fig)
-    table = markdown_table(evaluations)
+    table = markdown_table(evaluations, validation if any(validation) else None)
+    skipped = sum(ev.input_report.num_skipped for ev in evaluations)
     meta = (
-        f"DMDD, {cfg.preset_name} preset, teacher {teacher.name} ({teacher.source}); test split at "
-        f"{cfg.image_size}x{cfg.image_size}; seed {cfg.seed}; checkpoint rule: last step; "
+        f"DMDD, {cfg.preset_name} preset, teacher {teacher.name} ({teacher.source}); test split (the dataset's "
+        f"labelled test images) and val split ({cfg.val_fraction:.0%} of the training images held out, synthetic "
+        f"anomalies) at {cfg.image_size}x{cfg.image_size}; seed {cfg.seed}; checkpoint rule: last step; "
+        f"bad files skipped: {skipped}; "
         f"device {next(result.model.parameters()).device}; torch {torch.__version__}; {platform.platform()}"
     )
     print("\n" + table + "\n\n" + meta)

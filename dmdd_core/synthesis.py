@@ -21,6 +21,7 @@ import numpy as np
 from PIL import Image
 from scipy import ndimage
 
+from dmdd_core.catalog import ROTATION_POLICY, rotation_policy  # noqa: F401  (re-exported: the rotation table)
 from dmdd_core.imageio import IMAGE_EXTENSIONS, is_image_file, read_rgb
 
 FILL_VALUE: float = 114.0 / 255.0
@@ -315,28 +316,8 @@ def is_grayscale(image: np.ndarray, tolerance: float = 1e-6) -> bool:
 
 
 # --- per-category rotation ---------------------------------------------------------------------------------------
-_MVTEC_POLICY: dict[str, str] = {
-    **dict.fromkeys(("capsule", "metal_nut", "pill", "toothbrush", "transistor"), "none"),
-    **dict.fromkeys(("wood", "zipper", "cable"), "small"),
-    **dict.fromkeys(("bottle", "grid", "hazelnut", "leather", "tile", "carpet", "screw"), "right_angle_small"),
-}
-_MPDD_POLICY: dict[str, str] = dict.fromkeys(
-    ("bracket_black", "bracket_brown", "bracket_white", "connector", "metal_plate", "tubes"), "none"
-)
-_BUILTIN_POLICY: dict[str, str] = dict.fromkeys(("brick", "grass", "gravel"), "right_angle_small")
-
-ROTATION_POLICY: dict[str, str] = {**_MVTEC_POLICY, **_MPDD_POLICY, **_BUILTIN_POLICY}
-"""Category -> "none" | "small" (+-5 deg) | "right_angle_small" (k*90 deg +-5 deg).
-MVTec AD: [DeSTSeg]; MPDD: none [ours]; built-in textures brick/grass/gravel: right_angle_small [ours].
-Categories not listed: none [ours]."""
-
 SMALL_ANGLE: float = 5.0
 """Half-width in degrees of the small random rotation. [DeSTSeg]"""
-
-
-def rotation_policy(category: str) -> str:
-    """The policy of ``category``; "none" for categories not in :data:`ROTATION_POLICY`. [ours]"""
-    return ROTATION_POLICY.get(category, "none")
 
 
 def rotate_for_category(image: np.ndarray, category: str, rng: np.random.Generator) -> np.ndarray:

@@ -29,7 +29,17 @@ from torch import Tensor
 from torch.utils.data import DataLoader
 
 from .config import DMDDConfig, is_fast_mode
-from .data import StreamBatchSampler, SyntheticPairDataset, TrainPair
+from .data import (
+    CategoryData,
+    DataSource,
+    StreamBatchSampler,
+    SyntheticPairDataset,
+    TrainPair,
+    ValidationDataset,
+    as_source,
+    default_textures,
+)
+from .data.loading import InputReport
 from .losses import aim_loss, focal_loss, l1_loss, ngm_loss, segmentation_target
 from .model import DMDD, Teacher, build_teacher
 
@@ -38,6 +48,13 @@ LOG_NAME = "log.json"
 CHECKPOINT_FORMAT = 1
 #: Fields that may differ between an interrupted run and its resumption.
 RESUMABLE_DIFFERENCES = {"device", "num_workers", "checkpoint_every", "teacher_weights", "preset_name"}
+
+
+def loader_workers(cfg: DMDDConfig, device: torch.device) -> int:
+    """``cfg.num_workers``, or for -1 (auto): up to 4 on CUDA, keeping a core for the main process; 0 on CPU."""
+    if cfg.num_workers >= 0:
+        return cfg.num_workers
+    return min(4, max(1, (os.cpu_count() or 1) - 1)) if device.type == "cuda" else 0
 
 
 def select_device(name: str = "auto") -> torch.device:
@@ -153,6 +170,10 @@ class TrainResult:
     checkpoint: Path
     resumed_from: int
     """The step training started from (0 for a fresh run)."""
+    validation: dict[str, Any]
+    """Validation-split metrics during training and the thresholds chosen on it (empty without a val split)."""
+    input_report: InputReport
+    """Training and validation files skipped with ``skip_bad``."""
 
 
 def _check_resumable(saved: dict[str, Any], cfg: DMDDConfig, path: Path) -> None:
@@ -204,9 +225,30 @@ def model_from_state(state: dict[str, Any]) -> DMDD:
     return model
 
 
+def validate(model: DMDD, val: ValidationDataset, step: int) -> dict[str, float]:
+    """Image and pixel AUROC on the validation split (its synthetic anomalies), and the F1-max thresholds."""
+    from .infer import predict_dataset
+    from .metrics import f1_max_threshold, image_auroc, pixel_auroc
+
+    was_training = model.training
+    preds = predict_dataset(model, val, progress=False)
+    model.train(was_training)
+    image_f1, image_threshold = f1_max_threshold(preds.labels, preds.scores)
+    pixel_f1, pixel_threshold = f1_max_threshold(preds.masks.ravel(), preds.maps.ravel())
+    return {
+        "step": step,
+        "image_auroc": image_auroc(preds.labels, preds.scores),
+        "pixel_auroc": pixel_auroc(preds.masks, preds.maps),
+        "image_f1_max": image_f1,
+        "image_threshold": image_threshold,
+        "pixel_f1_max": pixel_f1,
+        "pixel_threshold": pixel_threshold,
+    }
+
+
 def train(
     cfg: DMDDConfig,
-    data_root: str | Path,
+    data: str | Path | DataSource | CategoryData,
     category: str,
     out_dir: str | Path,
     *,
@@ -214,20 +256,32 @@ def train(
     resume: bool = True,
     progress: bool | None = None,
     stop_at_step: int | None = None,
+    skip_bad: bool = False,
 ) -> TrainResult:
-    """Train DMDD on ``data_root/category`` (MVTec AD layout), writing ``checkpoint.pt`` and ``log.json`` to
-    ``out_dir``.
+    """Train DMDD on one category of ``data`` (a dataset root of any layout, a :class:`DataSource`, or a
+    :class:`CategoryData` already loaded), writing ``checkpoint.pt`` and ``log.json`` to ``out_dir``.
 
+    The validation share of the training images (``cfg.val_fraction``) is held out; in stage 2 the model is
+    checked on it at every checkpoint, and the last step's F1-max thresholds are saved for ``predict``. No
+    checkpoint is chosen by it: the rule is the last step.
     A finished checkpoint in ``out_dir`` is loaded instead of training again; an unfinished one is resumed.
     ``stop_at_step`` ends the run early after that global step (with a checkpoint), as an interruption would.
-    Ctrl-C writes a checkpoint at the last finished step before stopping.
+    Ctrl-C writes a checkpoint at the last finished step before stopping. ``skip_bad`` leaves unreadable
+    images out (logged, and counted in ``log.json``) instead of stopping.
     """
     from tqdm.auto import tqdm
 
     out = Path(out_dir)
     ckpt_path = out / CHECKPOINT_NAME
     device = select_device(cfg.device)
-    dataset = SyntheticPairDataset.from_config(data_root, category, cfg)
+    if isinstance(data, CategoryData):
+        category_data = data
+    else:
+        category_data = CategoryData.from_config(as_source(data), category, cfg, skip_bad=skip_bad, progress=progress)
+    textures = default_textures(category, cfg)
+    dataset = SyntheticPairDataset.from_config(category_data, category, cfg, textures)
+    val = ValidationDataset.from_config(category_data, cfg, textures) if category_data.val_paths else None
+    validation: dict[str, Any] = {"history": [], "num_images": len(category_data.val_paths)}
 
     seed_everything(cfg.seed)
     start_step, log = 0, []
@@ -242,6 +296,7 @@ def train(
         opt_seg.load_state_dict(state["opt_seg"])
         torch.set_rng_state(state["rng_cpu"])
         start_step, log = int(state["step"]), list(state["log"])
+        validation = dict(state.get("validation") or validation)
     else:
         model = DMDD(cfg, teacher=teacher if teacher is not None else build_teacher(cfg))
         opt_student, opt_seg = build_optimizers(model, cfg)
@@ -262,7 +317,16 @@ def train(
                 "step": step,
                 "config": cfg.to_dict(),
                 "category": category,
-                "data_root": str(data_root),
+                "data_root": str(category_data.source.root),
+                "data": category_data.source.describe(),
+                "split": {
+                    "val_fraction": cfg.val_fraction,
+                    "val_seed": cfg.val_seed,
+                    "train": [p.name for p in category_data.train_paths],
+                    "val": [p.name for p in category_data.val_paths],
+                },
+                "input_report": category_data.report.to_dict(),
+                "validation": validation,
                 "teacher": {"name": model.teacher.name, "source": model.teacher.source},
                 "model": model.state_dict(),
                 "opt_student": opt_student.state_dict(),
@@ -273,17 +337,29 @@ def train(
             },
             ckpt_path,
         )
-        atomic_write_text(json.dumps({"config": cfg.to_dict(), "category": category, "log": log}, indent=1), out / LOG_NAME)
+        summary = {
+            "config": cfg.to_dict(),
+            "category": category,
+            "data": category_data.source.describe(),
+            "num_train_images": len(category_data.train_paths),
+            "input_report": category_data.report.to_dict(),
+            "validation": validation,
+            "log": log,
+        }
+        atomic_write_text(json.dumps(summary, indent=1), out / LOG_NAME)
 
     total = cfg.total_steps
     stop = total if stop_at_step is None else min(total, stop_at_step)
+    def result() -> TrainResult:
+        return TrainResult(model.eval(), log, ckpt_path, start_step, validation, category_data.report)
+
     if start_step >= stop:
-        return TrainResult(model.eval(), log, ckpt_path, start_step)
+        return result()
 
     loader = DataLoader(
         dataset,
         batch_sampler=StreamBatchSampler(cfg.batch_size, stop - start_step, start_step),
-        num_workers=cfg.num_workers,
+        num_workers=loader_workers(cfg, device),
         pin_memory=use_cuda,
         persistent_workers=False,
         # An explicit generator keeps the loader from drawing from the global random state, which the
@@ -309,6 +385,15 @@ def train(
             bar.set_description(f"DMDD {category} stage {stage}")
             bar.update(1)
             if step % cfg.checkpoint_every == 0 or step == stop or step == cfg.stage1_steps:
+                if val is not None and step > cfg.stage1_steps:
+                    checked = validate(model, val, step)
+                    validation["history"].append(checked)
+                    if step == total:
+                        validation["thresholds"] = {
+                            "image": checked["image_threshold"],
+                            "pixel": checked["pixel_threshold"],
+                            "rule": "F1-max on the validation split at the last step",
+                        }
                 save(step)
     except KeyboardInterrupt:
         if step > start_step:
@@ -317,7 +402,7 @@ def train(
         raise
     finally:
         bar.close()
-    return TrainResult(model.eval(), log, ckpt_path, start_step)
+    return result()
 
 
 def _move_optimizer(optimizer: torch.optim.Optimizer, device: torch.device) -> None:

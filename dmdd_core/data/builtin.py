@@ -37,10 +37,10 @@ from scipy import ndimage
 from skimage.draw import polygon as fill_polygon
 from tqdm.auto import tqdm
 
+from dmdd_core.catalog import BUILTIN_CATEGORIES
 from dmdd_core.config import is_fast_mode
 
 BUILTIN_VERSION: int = 1
-BUILTIN_CATEGORIES: tuple[str, ...] = ("brick", "grass", "gravel")
 DEFECT_TYPES: tuple[str, ...] = ("scratch", "hole", "stain", "foreign", "cut")
 N_TRAIN: int = 60
 N_TEST_GOOD: int = 20

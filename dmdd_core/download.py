@@ -1,0 +1,806 @@
+"""Download the public datasets onto a networked machine (Colab, a workstation): fetch, verify, extract.
+
+Nothing in the package downloads implicitly. Training and evaluation only read folders that already exist; a
+download happens only when asked for, through this module or the ``dmdd download`` command. On a machine
+without internet access every function here fails within seconds and says exactly where to put the files by
+hand instead.
+
+What a download does (:func:`download_dataset`):
+
+1. if ``ROOT/<folder>`` holds the marker file :data:`MARKER_NAME`, the dataset is complete: it is returned at
+   once, with no network access;
+2. the archive is streamed into ``ROOT/<archive>.part`` (:func:`download`). An interrupted transfer keeps the
+   ``.part`` file and the next call resumes it with an HTTP ``Range`` request;
+3. its SHA-256 checksum is checked; only then is ``.part`` renamed to the archive's name;
+4. the archive is unpacked into a staging folder beside ``ROOT/<folder>`` and moved into place in one step
+   (:func:`extract`), so an interrupted or failed extraction leaves nothing at the destination; the marker is
+   written inside before the move;
+5. the archive is deleted (unless asked to keep it) and ``ROOT/<folder>`` is returned: the folder to pass as
+   ``--data``.
+
+Layouts after extraction (``ROOT/<folder>`` is the dataset root):
+
+MVTec AD (``mvtec``, folder ``mvtec_anomaly_detection``)::
+
+    ROOT/<category>/train/good/*.png
+    ROOT/<category>/test/<type>/*.png                  <type> is "good" or a defect type
+    ROOT/<category>/ground_truth/<type>/<stem>_mask.png
+
+VisA (``visa``, folder ``visa``)::
+
+    ROOT/<category>/Data/Images/Normal/*.JPG
+    ROOT/<category>/Data/Images/Anomaly/*.JPG
+    ROOT/<category>/Data/Masks/Anomaly/*.png
+    ROOT/split_csv/1cls.csv                            the standard one-class split
+
+DTD, the Describable Textures Dataset (``dtd``, folder ``dtd``)::
+
+    dtd/images/<class>/*.jpg                           47 texture classes; use dtd/images as the texture folder
+
+MPDD (``mpdd``, folder ``mpdd``; no stable direct address, set it up by hand)::
+
+    ROOT/<category>/train/good/*.png                   same layout as MVTec AD
+    ROOT/<category>/test/<type>/*.png
+    ROOT/<category>/ground_truth/<type>/<stem>_mask.png
+
+Addresses and checksums come from anomalib's dataset modules (openvinotoolkit/anomalib, now
+open-edge-platform/anomalib) and the datasets' own pages; see :data:`SOURCES`.
+"""
+
+from __future__ import annotations
+
+import datetime
+import gzip
+import hashlib
+import http.client
+import ipaddress
+import json
+import logging
+import lzma
+import os
+import re
+import shlex
+import shutil
+import socket
+import tarfile
+import tempfile
+import threading
+import urllib.error
+import urllib.parse
+import urllib.request
+import zipfile
+import zlib
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass
+from pathlib import Path, PurePosixPath
+from typing import Any
+
+from tqdm.auto import tqdm
+
+__all__ = [
+    "MARKER_NAME",
+    "SOURCES",
+    "DownloadError",
+    "DownloadSource",
+    "DownloadUnavailable",
+    "IncompleteDownload",
+    "download",
+    "download_dataset",
+    "extract",
+    "file_sha256",
+    "get_source",
+    "manual_instructions",
+    "progress_enabled",
+    "read_marker",
+]
+
+log = logging.getLogger(__name__)
+
+MARKER_NAME = ".dmdd_download.json"
+"""File written inside a dataset folder once its extraction is complete."""
+
+USER_AGENT = "dmdd-download/1 (Python urllib)"
+
+_SHA256_RE = re.compile(r"[0-9a-f]{64}")
+
+
+@dataclass(frozen=True)
+class DownloadSource:
+    """Where one dataset comes from and what it looks like once extracted."""
+
+    name: str
+    """The name given to :func:`download_dataset` and ``dmdd download``."""
+    title: str
+    url: str | None
+    """Direct address of the archive; None when there is no stable one (see :attr:`manual`)."""
+    sha256: str | None
+    """SHA-256 of the archive (64 lower-case hex digits); None when no published or verified one is known."""
+    archive: str
+    """File name of the archive ("" when unknown)."""
+    size: int | None
+    """Size of the archive in bytes, if known."""
+    licence: str
+    """Licence and what to cite."""
+    folder: str
+    """Name of the dataset folder under the download root after extraction."""
+    layout: str
+    """Expected layout after extraction, one pattern a line, relative to the dataset folder."""
+    manual: str
+    """How to get the archive by hand (no stable address, offline machine, a link that moved)."""
+    usage: str = "Pass --data {path} to dmdd."
+    """What to do with the extracted folder; ``{path}`` is replaced by it."""
+    archive_has_folder: bool = False
+    """True when the archive's entries sit inside one folder named :attr:`folder` (DTD's ``dtd/``); False when
+    they sit at its top level (MVTec AD, VisA), so it is extracted *into* the folder."""
+    alternative_urls: tuple[str, ...] = ()
+    """Older or other addresses of the same archive, tried in turn when the server answers with an HTTP error."""
+
+
+SOURCES: dict[str, DownloadSource] = {
+    "mvtec": DownloadSource(
+        name="mvtec",
+        title="MVTec AD",
+        # MVTec moves its mydrive.ch share links from time to time. The 150996/... link is the one in use in 2026
+        # (several projects pinning the same SHA-256 use it); the 38536/...f283 link is the one stored in anomalib's
+        # src/anomalib/data/datamodules/image/mvtecad.py, reported as answering 404 in anomalib issue #3608.
+        url=(
+            "https://www.mydrive.ch/shares/150996/b52ecdcbf521176e9db9c731f2304b27/"
+            "download/420938113-1629960298/mvtec_anomaly_detection.tar.xz"
+        ),
+        # anomalib DownloadInfo(hashsum=...) for MVTec AD; its hashsum is a SHA-256.
+        sha256="cf4313b13603bec67abb49ca959488f7eedce2a9f7795ec54446c649ac98cd3d",
+        archive="mvtec_anomaly_detection.tar.xz",
+        size=5_264_982_680,
+        licence=(
+            "CC BY-NC-SA 4.0 (non-commercial use). Cite Bergmann et al., 'MVTec AD - A Comprehensive Real-World "
+            "Dataset for Unsupervised Anomaly Detection', CVPR 2019, and Bergmann et al., 'The MVTec Anomaly "
+            "Detection Dataset', IJCV 129(4), 2021."
+        ),
+        folder="mvtec_anomaly_detection",
+        layout=(
+            "<category>/train/good/*.png                    (15 categories: bottle, cable, ... zipper)\n"
+            "<category>/test/<type>/*.png                   (<type> is good or a defect type)\n"
+            "<category>/ground_truth/<type>/<stem>_mask.png"
+        ),
+        manual=(
+            "MVTec changes its download links from time to time. If this one fails, open "
+            "https://www.mvtec.com/company/research/datasets/mvtec-ad/downloads, accept the licence and download "
+            "the whole dataset (mvtec_anomaly_detection.tar.xz), or pass the new link as the URL to download."
+        ),
+        alternative_urls=(
+            "https://www.mydrive.ch/shares/38536/3830184030e49fe74747669442f0f283/"
+            "download/420938113-1629960298/mvtec_anomaly_detection.tar.xz",
+        ),
+    ),
+    "visa": DownloadSource(
+        name="visa",
+        title="VisA (Visual Anomaly)",
+        url="https://amazon-visual-anomaly.s3.us-west-2.amazonaws.com/VisA_20220922.tar",
+        # anomalib src/anomalib/data/datamodules/image/visa.py DownloadInfo(hashsum=...), a SHA-256.
+        sha256="2eb8690c803ab37de0324772964100169ec8ba1fa3f7e94291c9ca673f40f362",
+        archive="VisA_20220922.tar",
+        size=1_929_840_640,
+        licence=(
+            "CC BY 4.0 according to the dataset's README (amazon-science/spot-diff) and the LICENSE-DATASET file "
+            "in the archive (anomalib's docstring says CC BY-NC-SA 4.0; the licence file in the archive is the "
+            "one to follow). Cite Zou et al., 'SPot-the-Difference Self-Supervised Pre-training for Anomaly "
+            "Detection and Segmentation', ECCV 2022."
+        ),
+        folder="visa",
+        layout=(
+            "<category>/Data/Images/Normal/*.JPG            (12 categories: candle, capsules, ... pipe_fryum)\n"
+            "<category>/Data/Images/Anomaly/*.JPG\n"
+            "<category>/Data/Masks/Anomaly/*.png\n"
+            "split_csv/1cls.csv"
+        ),
+        manual="The archive is linked from the dataset's page, https://github.com/amazon-science/spot-diff.",
+    ),
+    "dtd": DownloadSource(
+        name="dtd",
+        title="DTD (Describable Textures Dataset)",
+        url="https://www.robots.ox.ac.uk/~vgg/data/dtd/download/dtd-r1.0.1.tar.gz",
+        # anomalib src/anomalib/models/image/draem/lightning_model.py DTD_DOWNLOAD_INFO (also torchvision's
+        # prototype DTD dataset, sha256=...).
+        sha256="e42855a52a4950a3b59612834602aa253914755c95b0cff9ead6d07395f8e205",
+        archive="dtd-r1.0.1.tar.gz",
+        size=625_239_812,
+        licence=(
+            "For research purposes (Oxford VGG). Cite Cimpoi et al., 'Describing Textures in the Wild', CVPR 2014."
+        ),
+        folder="dtd",
+        layout="images/<class>/*.jpg                            (47 texture classes)\nlabels/\nimdb/",
+        manual="The archive is linked from the dataset's page, https://www.robots.ox.ac.uk/~vgg/data/dtd/.",
+        usage="Use {path}/images as the folder of texture images for anomaly synthesis (the texture_dir setting).",
+        archive_has_folder=True,
+    ),
+    "mpdd": DownloadSource(
+        name="mpdd",
+        title="MPDD (Metal Parts Defect Detection)",
+        url=None,  # the archive is on Google Drive: no stable direct address
+        sha256=None,  # no published checksum
+        archive="",
+        size=None,
+        licence=(
+            "See the terms in the dataset's repository, https://github.com/stepanje/MPDD. Cite Jezek et al., "
+            "'Deep learning-based defect detection of metal parts: evaluating current methods in complex "
+            "conditions', ICUMT 2021."
+        ),
+        folder="mpdd",
+        layout=(
+            "<category>/train/good/*.png                    (6 categories: bracket_black, bracket_brown,\n"
+            "<category>/test/<type>/*.png                    bracket_white, connector, metal_plate, tubes)\n"
+            "<category>/ground_truth/<type>/<stem>_mask.png"
+        ),
+        manual=(
+            "MPDD has no stable direct download address: its archive is on Google Drive, linked from the README "
+            "of https://github.com/stepanje/MPDD. Download it in a browser (or with a Google Drive client such "
+            "as gdown), then unzip it and arrange the category folders as shown below; or, with a direct link of "
+            "your own, download it with `dmdd download mpdd --url LINK`."
+        ),
+    ),
+}
+"""The datasets :func:`download_dataset` knows, by name."""
+
+
+class DownloadError(RuntimeError):
+    """A download did not succeed; the message says why and what to do."""
+
+
+class DownloadUnavailable(DownloadError):
+    """The dataset cannot be downloaded from here: no stable address, the host cannot be reached, or the server
+    refused. The message says how to get the files by hand and where to put them."""
+
+    def __init__(self, message: str, *, url: str | None = None, http_status: int | None = None) -> None:
+        super().__init__(message)
+        self.url = url
+        self.http_status = http_status
+        """The HTTP status the server answered with, or None when it was not reached at all."""
+
+
+class IncompleteDownload(DownloadError):
+    """The transfer stopped before the end; the ``.part`` file is kept and running again resumes it."""
+
+
+class _RestartFromZero(Exception):
+    """Internal: the server cannot continue the saved partial file, so start again from byte 0."""
+
+
+# --- small helpers -------------------------------------------------------------------------------------------
+
+
+def get_source(name: str) -> DownloadSource:
+    """The registry entry called ``name``; a ValueError lists the known names otherwise."""
+    try:
+        return SOURCES[name]
+    except KeyError:
+        raise ValueError(f"unknown dataset {name!r}; choose one of {', '.join(SOURCES)}") from None
+
+
+def progress_enabled(progress: bool | None = None) -> bool:
+    """Whether to show progress bars: ``progress`` when given, else on unless DMDD_FAST=1 or CI is set."""
+    if progress is not None:
+        return bool(progress)
+    fast = os.environ.get("DMDD_FAST", "").strip().lower() in ("1", "true", "yes")
+    return not (fast or bool(os.environ.get("CI", "").strip()))
+
+
+def file_sha256(path: str | Path, chunk_size: int = 1 << 20) -> str:
+    """SHA-256 of a file's contents, as 64 lower-case hex digits."""
+    digest = hashlib.sha256()
+    _hash_into(digest, Path(path), chunk_size)
+    return digest.hexdigest()
+
+
+def _hash_into(digest: Any, path: Path, chunk_size: int = 1 << 20) -> None:
+    """Feed the contents of ``path`` into ``digest``."""
+    with path.open("rb") as fh:
+        while block := fh.read(chunk_size):
+            digest.update(block)
+
+
+def _normalise_sha256(sha256: str | None) -> str | None:
+    """``sha256`` in lower case, checked to be 64 hex digits; None stays None."""
+    if sha256 is None:
+        return None
+    value = sha256.strip().lower()
+    if not _SHA256_RE.fullmatch(value):
+        raise ValueError(f"not a SHA-256 checksum (64 hex digits): {sha256!r}")
+    return value
+
+
+def _part_path(dest: Path) -> Path:
+    """Where the bytes of ``dest`` are written until they are verified."""
+    return dest.with_name(dest.name + ".part")
+
+
+def _human_size(size: int) -> str:
+    """A byte count for people: 4.9 GiB, 596.3 MiB."""
+    if size >= 1 << 30:
+        return f"{size / (1 << 30):.1f} GiB"
+    return f"{size / (1 << 20):.1f} MiB"
+
+
+def read_marker(folder: str | Path) -> dict[str, Any] | None:
+    """The contents of the completion marker in ``folder``, or None when the folder has no readable marker
+    (so its extraction is not known to be complete)."""
+    path = Path(folder) / MARKER_NAME
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    return data if isinstance(data, dict) else None
+
+
+# --- manual instructions -------------------------------------------------------------------------------------
+
+
+def manual_instructions(
+    source: str | DownloadSource,
+    root: str | Path,
+    *,
+    url: str | None = None,
+    reason: str | None = None,
+) -> str:
+    """Step-by-step text for setting a dataset up by hand under ``root``: what to download, where to extract it
+    (the exact folder and its expected layout) and what to pass to dmdd. ``reason`` comes first when given."""
+    src = get_source(source) if isinstance(source, str) else source
+    base = Path(root).expanduser()
+    target = base / src.folder
+    address = url or src.url
+    archive = src.archive or (PurePosixPath(urllib.parse.urlsplit(address).path).name if address else "")
+    lines: list[str] = []
+    if reason:
+        lines += [reason.rstrip(), ""]
+    lines.append(f"To set up {src.title} by hand:")
+    if address:
+        facts = [_human_size(src.size)] if src.size else []
+        if src.sha256:
+            facts.append(f"SHA-256 {src.sha256}; check it with `sha256sum {archive}`")
+        lines += ["  1. On a machine with internet access, download", f"       {address}"]
+        if facts:
+            lines.append(f"     ({'; '.join(facts)}).")
+        lines.append(f"     {src.manual}")
+    else:
+        lines.append(f"  1. {src.manual}")
+    lines += ["  2. Extract it so that this folder exists:", f"       {target}"]
+    if archive.endswith(".zip"):
+        lines += ["     for example:", f"       unzip {shlex.quote(archive)} -d {shlex.quote(str(target))}"]
+    elif archive and src.archive_has_folder:
+        lines += ["     for example:", f"       tar -xf {shlex.quote(archive)} -C {shlex.quote(str(base))}"]
+    elif archive:
+        quoted = shlex.quote(str(target))
+        lines += ["     for example:", f"       mkdir -p {quoted} && tar -xf {shlex.quote(archive)} -C {quoted}"]
+    lines.append("     with this layout:")
+    lines += [f"       {target}/{pattern}" for pattern in src.layout.splitlines()]
+    lines.append(f"  3. {src.usage.format(path=target)}")
+    return "\n".join(lines)
+
+
+# --- download ------------------------------------------------------------------------------------------------
+
+
+def _check_host(url: str, timeout: float) -> None:
+    """Fail fast when the host's name cannot be resolved (offline machine). DNS lookups ignore socket timeouts,
+    so the lookup runs in a helper thread that is waited for at most ``timeout`` seconds."""
+    parts = urllib.parse.urlsplit(url)
+    host = parts.hostname
+    if not host or parts.scheme not in ("http", "https"):
+        return
+    try:
+        ipaddress.ip_address(host)
+        return  # an address needs no lookup
+    except ValueError:
+        pass
+    if parts.scheme in urllib.request.getproxies() and not urllib.request.proxy_bypass(host):
+        return  # the proxy resolves the name
+    outcome: list[OSError | None] = []
+
+    def resolve() -> None:
+        try:
+            socket.getaddrinfo(host, parts.port or (443 if parts.scheme == "https" else 80), type=socket.SOCK_STREAM)
+            outcome.append(None)
+        except OSError as exc:
+            outcome.append(exc)
+
+    worker = threading.Thread(target=resolve, name="dmdd-dns-lookup", daemon=True)
+    worker.start()
+    worker.join(timeout)
+    if not outcome:
+        raise DownloadUnavailable(
+            f"The host {host} could not be reached: looking up its name took longer than {timeout:g} s. "
+            "This machine seems to be offline.",
+            url=url,
+        )
+    if outcome[0] is not None:
+        raise DownloadUnavailable(
+            f"The host {host} could not be reached: its name could not be resolved ({outcome[0]}). "
+            "This machine seems to be offline.",
+            url=url,
+        )
+
+
+def _unreachable(url: str, exc: BaseException, timeout: float) -> DownloadUnavailable:
+    """The error for a server that could not be connected to or did not answer."""
+    host = urllib.parse.urlsplit(url).hostname or url
+    reason = exc.reason if isinstance(exc, urllib.error.URLError) else exc
+    if isinstance(reason, TimeoutError):
+        detail = f"no answer within {timeout:g} s"
+    else:
+        detail = str(reason) or type(reason).__name__
+    return DownloadUnavailable(
+        f"The host {host} could not be reached ({detail}). This machine seems to be offline, or the server is down.",
+        url=url,
+    )
+
+
+def _content_range(header: str | None) -> tuple[int | None, int | None]:
+    """(first byte, total size) from a Content-Range header such as ``bytes 100-199/200`` or ``bytes */200``."""
+    match = re.fullmatch(r"\s*bytes\s+(?:(\d+)-\d+|\*)/(\d+|\*)\s*", header or "")
+    if not match:
+        return None, None
+    first = int(match.group(1)) if match.group(1) is not None else None
+    total = int(match.group(2)) if match.group(2) != "*" else None
+    return first, total
+
+
+def _transfer(url: str, part: Path, hashing: bool, show: bool, timeout: float, chunk_size: int) -> str | None:
+    """Fetch ``url`` into ``part``, continuing it when it already holds a prefix. Returns the SHA-256 of the
+    whole file when ``hashing``, else None. Raises _RestartFromZero when the saved prefix cannot be continued."""
+    offset = part.stat().st_size if part.is_file() else 0
+    headers = {"User-Agent": USER_AGENT, "Accept-Encoding": "identity"}
+    if offset:
+        headers["Range"] = f"bytes={offset}-"
+    request = urllib.request.Request(url, headers=headers)
+    try:
+        response = urllib.request.urlopen(request, timeout=timeout)
+    except urllib.error.HTTPError as exc:
+        if exc.code == 416 and offset:
+            # The saved range starts at or past the end: the .part is either complete or longer than the file.
+            _, total = _content_range(exc.headers.get("Content-Range") if exc.headers else None)
+            exc.close()
+            if total == offset:
+                return file_sha256(part) if hashing else None
+            raise _RestartFromZero from None
+        exc.close()
+        raise DownloadUnavailable(
+            f"The server answered HTTP {exc.code} ({exc.reason}) for {url}: the file may have moved or be "
+            "temporarily unavailable.",
+            url=url,
+            http_status=exc.code,
+        ) from exc
+    except (urllib.error.URLError, OSError, http.client.HTTPException) as exc:
+        raise _unreachable(url, exc, timeout) from exc
+
+    with response:
+        status = getattr(response, "status", None) or 200
+        digest = hashlib.sha256() if hashing else None
+        if status == 206:
+            first, total = _content_range(response.headers.get("Content-Range"))
+            if first != offset:
+                raise _RestartFromZero
+            if total is None:
+                length = response.headers.get("Content-Length")
+                total = offset + int(length) if length and length.isdigit() else None
+            mode = "ab"
+            if digest is not None and offset:
+                _hash_into(digest, part)
+        else:
+            # 200: a first request, or a server that ignores Range and sends the whole file again.
+            if offset:
+                log.info("%s ignored the Range request; downloading %s from the start", url, part.name)
+            offset = 0
+            length = response.headers.get("Content-Length")
+            total = int(length) if length and length.isdigit() else None
+            mode = "wb"
+        received = offset
+        reader = getattr(response, "read1", response.read)
+        bar = tqdm(
+            total=total,
+            initial=offset,
+            unit="B",
+            unit_scale=True,
+            unit_divisor=1024,
+            desc=part.name.removesuffix(".part"),
+            disable=not show,
+        )
+        with bar, part.open(mode) as fh:
+            try:
+                while chunk := reader(chunk_size):
+                    fh.write(chunk)
+                    if digest is not None:
+                        digest.update(chunk)
+                    received += len(chunk)
+                    bar.update(len(chunk))
+            except (OSError, http.client.HTTPException) as exc:
+                raise IncompleteDownload(
+                    f"The download of {url} stopped after {received} of {total or 'an unknown number of'} bytes "
+                    f"({exc or type(exc).__name__}). The partial file {part} was kept; run again to resume."
+                ) from exc
+    if total is not None and received < total:
+        raise IncompleteDownload(
+            f"The server closed the connection after {received} of {total} bytes of {url}. "
+            f"The partial file {part} was kept; run again to resume."
+        )
+    return digest.hexdigest() if digest is not None else None
+
+
+def download(
+    url: str,
+    dest_file: str | Path,
+    *,
+    sha256: str | None = None,
+    progress: bool | None = None,
+    timeout: float = 15.0,
+    chunk_size: int = 1 << 20,
+) -> Path:
+    """Download ``url`` to ``dest_file`` and return its path.
+
+    If ``dest_file`` already exists and matches ``sha256`` (or no checksum is given) it is returned without any
+    network access. Otherwise the bytes are streamed into ``dest_file + ".part"``; an existing ``.part`` is
+    continued with a ``Range`` request (a server that ignores it sends the whole file, which then replaces the
+    ``.part``). The SHA-256 is checked after the transfer and only then is ``.part`` renamed to ``dest_file``.
+
+    ``progress``: show a progress bar (None: yes, unless DMDD_FAST=1 or CI is set). ``timeout``: seconds to
+    wait for the server to connect or send data.
+
+    Raises :class:`DownloadUnavailable` when the host cannot be reached or answers with an HTTP error (within
+    about ``timeout`` seconds), :class:`IncompleteDownload` when the transfer stops early (the ``.part`` is kept:
+    run again to resume), and ValueError when the checksum does not match (the ``.part`` is deleted).
+    """
+    dest = Path(dest_file).expanduser()
+    expected = _normalise_sha256(sha256)
+    if dest.is_file():
+        if expected is None:
+            return dest
+        got = file_sha256(dest)
+        if got == expected:
+            return dest
+        log.warning("%s does not match its SHA-256 (expected %s, got %s); downloading it again", dest, expected, got)
+        dest.unlink()
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    part = _part_path(dest)
+    show = progress_enabled(progress)
+    _check_host(url, timeout)
+    for _ in range(3):
+        try:
+            digest = _transfer(url, part, expected is not None, show, timeout, chunk_size)
+            break
+        except _RestartFromZero:
+            part.unlink(missing_ok=True)
+    else:
+        raise IncompleteDownload(
+            f"The server for {url} keeps refusing to continue {part}; delete it and run again to start afresh."
+        )
+    if expected is not None:
+        got = digest if digest is not None else file_sha256(part)
+        if got != expected:
+            part.unlink(missing_ok=True)
+            raise ValueError(
+                f"Checksum mismatch for {url}: expected SHA-256 {expected}, got {got}. The downloaded file was "
+                "deleted. Run again to download it afresh; if the mismatch persists, the file on the server has "
+                "changed or something between you and it alters it: check the dataset's web page, then pass the "
+                "new address and checksum (url=/sha256=, or --url/--sha256) or download the file by hand."
+            )
+    os.replace(part, dest)
+    return dest
+
+
+# --- extraction ----------------------------------------------------------------------------------------------
+
+
+def _corrupt(archive: Path, exc: BaseException) -> ValueError:
+    """The error for an archive that cannot be read to the end."""
+    return ValueError(
+        f"{archive} is not a readable archive or is damaged ({exc or type(exc).__name__}). Nothing was "
+        f"extracted. Delete {archive} and download it again."
+    )
+
+
+def _unsafe(archive: Path, member: str, why: str) -> ValueError:
+    """The error for an archive member that would land outside the destination."""
+    return ValueError(
+        f"Refusing to extract {archive}: its member {member!r} {why}. Nothing was extracted; the archive is not "
+        "what it should be: delete it and download it again from the dataset's official address."
+    )
+
+
+def _check_zip_name(archive: Path, name: str) -> None:
+    """Reject a zip member with an absolute path, a drive letter or a ``..`` component."""
+    posix = name.replace("\\", "/")
+    if posix.startswith("/") or re.match(r"[A-Za-z]:", posix):
+        raise _unsafe(archive, name, "has an absolute path")
+    if ".." in posix.split("/"):
+        raise _unsafe(archive, name, "points outside the destination ('..')")
+
+
+def _counting(items: Iterator[Any], show: bool, desc: str) -> Iterator[Any]:
+    """Yield ``items`` while counting them on a progress bar."""
+    with tqdm(unit=" files", desc=desc, disable=not show) as bar:
+        for item in items:
+            yield item
+            bar.update(1)
+
+
+def _check_tar_member_fallback(archive: Path, member: tarfile.TarInfo, target: Path) -> None:
+    """For Pythons without tarfile's ``data`` filter: reject absolute or escaping paths, links out, devices."""
+    name = member.name.replace("\\", "/")
+    if name.startswith("/") or ".." in name.split("/"):
+        raise _unsafe(archive, member.name, "points outside the destination")
+    if member.isdev() or member.isfifo():
+        raise _unsafe(archive, member.name, "is a device or pipe")
+    if member.issym() or member.islnk():
+        base = target.resolve()
+        link_from = (target / name).parent if member.issym() else target
+        resolved = (link_from / member.linkname).resolve()
+        if member.linkname.startswith("/") or not resolved.is_relative_to(base):
+            raise _unsafe(archive, member.name, f"links outside the destination ({member.linkname!r})")
+
+
+def _unpack(archive: Path, target: Path, show: bool) -> None:
+    """Unpack a tar (any compression) or zip archive into the empty folder ``target``, refusing unsafe members."""
+    if zipfile.is_zipfile(archive):
+        try:
+            with zipfile.ZipFile(archive) as zf:
+                infos = zf.infolist()
+                for info in infos:
+                    _check_zip_name(archive, info.filename)
+                for info in _counting(iter(infos), show, f"extracting {archive.name}"):
+                    zf.extract(info, target)
+        except (zipfile.BadZipFile, EOFError, zlib.error, lzma.LZMAError) as exc:
+            raise _corrupt(archive, exc) from exc
+        return
+    try:
+        with tarfile.open(archive, "r:*") as tf:
+            members = _counting(iter(tf), show, f"extracting {archive.name}")
+            if hasattr(tarfile, "data_filter"):
+                tf.extractall(target, members=members, filter="data")
+            else:  # Python 3.10 before 3.10.12: check each member ourselves
+                for member in members:
+                    _check_tar_member_fallback(archive, member, target)
+                    tf.extract(member, target)
+    except tarfile.FilterError as exc:
+        name = getattr(getattr(exc, "tarinfo", None), "name", "?")
+        raise _unsafe(archive, name, f"is unsafe ({exc})") from exc
+    except (tarfile.TarError, EOFError, zlib.error, lzma.LZMAError, gzip.BadGzipFile) as exc:
+        raise _corrupt(archive, exc) from exc
+    except OSError as exc:
+        if exc.errno is not None:  # a real file-system error (disk full, permissions): not the archive's fault
+            raise
+        raise _corrupt(archive, exc) from exc  # e.g. bz2's "Invalid data stream"
+
+
+def extract(
+    archive: str | Path,
+    dest_dir: str | Path,
+    *,
+    expected_folder: str | None = None,
+    marker: Mapping[str, Any] | None = None,
+    progress: bool | None = None,
+) -> Path:
+    """Extract a tar (gz, bz2, xz or none) or zip archive so that ``dest_dir`` holds its contents; return
+    ``dest_dir``.
+
+    When the archive holds a single top-level folder named ``expected_folder`` (default: ``dest_dir``'s name),
+    that folder's contents become ``dest_dir``; otherwise the archive's top level does. Extraction happens in a
+    staging folder beside ``dest_dir`` that is moved into place with one ``os.replace``, so an interrupted or
+    failed extraction leaves nothing at ``dest_dir`` (the staging folder is removed in every case). The marker
+    file :data:`MARKER_NAME` (archive name, date, and the entries of ``marker``) is written inside first.
+
+    Members with absolute paths or ``..`` are refused (tar through tarfile's ``data`` filter, which also
+    refuses links out of the destination and device files). A damaged archive raises ValueError naming it.
+    ``dest_dir`` must not exist, or be an empty folder.
+    """
+    src = Path(archive).expanduser()
+    dest = Path(dest_dir).expanduser()
+    if not src.is_file():
+        raise FileNotFoundError(f"archive not found: {src}")
+    if dest.exists():
+        if dest.is_dir() and not dest.is_symlink() and not any(dest.iterdir()):
+            dest.rmdir()
+        else:
+            raise FileExistsError(f"{dest} already exists and is not empty; move it away or delete it first")
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{dest.name}.extracting-", dir=dest.parent))
+    try:
+        content = staging / "content"
+        content.mkdir()
+        _unpack(src, content, progress_enabled(progress))
+        top = content
+        wrapper = expected_folder or dest.name
+        entries = [p for p in content.iterdir() if p.name != "__MACOSX"]
+        if len(entries) == 1 and entries[0].name == wrapper and entries[0].is_dir() and not entries[0].is_symlink():
+            top = entries[0]
+        if not any(top.iterdir()):
+            raise ValueError(f"{src} holds no files. Delete it and download it again.")
+        record: dict[str, Any] = {
+            "archive": src.name,
+            "extracted": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        }
+        record.update(marker or {})
+        (top / MARKER_NAME).write_text(json.dumps(record, indent=2) + "\n", encoding="utf-8")
+        os.replace(top, dest)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return dest
+
+
+# --- the whole job -------------------------------------------------------------------------------------------
+
+
+def _archive_name(source: DownloadSource, url: str) -> str:
+    """File name for the downloaded archive: the registry's, else the URL's last path segment."""
+    if source.archive and url in (source.url, *source.alternative_urls):
+        return source.archive
+    name = PurePosixPath(urllib.parse.unquote(urllib.parse.urlsplit(url).path)).name
+    if name and "." in name and name not in (".", ".."):
+        return name
+    return source.archive or f"{source.name}-archive"
+
+
+def download_dataset(
+    name: str,
+    root: str | Path,
+    *,
+    progress: bool | None = None,
+    timeout: float = 15.0,
+    keep_archive: bool = False,
+    url: str | None = None,
+    sha256: str | None = None,
+) -> Path:
+    """Download, verify and extract the dataset ``name`` (a key of :data:`SOURCES`) under ``root``; return the
+    dataset folder ``root/<folder>``, the one to pass as ``--data``.
+
+    A folder whose marker says it is complete is returned at once, with no network access. Otherwise the archive
+    is downloaded into ``root`` (resuming a ``.part`` left by an interrupted run), its SHA-256 checked, extracted
+    atomically, and deleted unless ``keep_archive``.
+
+    ``url`` replaces the registry's address (a mirror, or a test server); ``sha256`` replaces the registry's
+    checksum (when only ``url`` is given, the registry's checksum still applies, as a mirror serves the same
+    file). Raises :class:`DownloadUnavailable` with step-by-step manual instructions when the dataset has no
+    stable address (``mpdd``) or the host cannot be reached (within about ``timeout`` seconds);
+    :class:`IncompleteDownload` when the transfer stops early (run again to resume); ValueError for a checksum
+    mismatch or a damaged archive; FileExistsError when ``root/<folder>`` exists without the marker.
+    """
+    source = get_source(name)
+    base = Path(root).expanduser()
+    target = base / source.folder
+    if read_marker(target) is not None:
+        return target
+    urls = [url] if url else ([source.url, *source.alternative_urls] if source.url else [])
+    if not urls:
+        raise DownloadUnavailable(
+            manual_instructions(source, base, reason=f"{source.title} cannot be downloaded automatically.")
+        )
+    checksum = _normalise_sha256(sha256) if sha256 is not None else source.sha256
+    if target.exists() and not (target.is_dir() and not any(target.iterdir())):
+        raise FileExistsError(
+            f"{target} already exists but has no {MARKER_NAME}, so it was not made by a complete download. If it "
+            f"holds the whole dataset, pass --data {target}; otherwise delete it and run again."
+        )
+    base.mkdir(parents=True, exist_ok=True)
+    archive = base / _archive_name(source, urls[0])
+    for index, address in enumerate(urls):
+        try:
+            download(address, archive, sha256=checksum, progress=progress, timeout=timeout)
+            break
+        except DownloadUnavailable as exc:
+            # Another address is worth a try only when the server answered (a moved link), not when offline.
+            if exc.http_status is not None and index + 1 < len(urls):
+                log.info("%s; trying %s", exc, urls[index + 1])
+                continue
+            raise DownloadUnavailable(
+                manual_instructions(source, base, url=address, reason=str(exc)),
+                url=address,
+                http_status=exc.http_status,
+            ) from exc
+    record = {
+        "source": source.name,
+        "title": source.title,
+        "url": address,
+        "sha256": checksum,
+        "archive_bytes": archive.stat().st_size,
+    }
+    extract(archive, target, expected_folder=source.folder, marker=record, progress=progress)
+    if not keep_archive:
+        archive.unlink(missing_ok=True)
+    return target
