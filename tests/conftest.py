@@ -39,6 +39,7 @@ def make_mvtec_tree(
     defects: dict[str, int],
     size: tuple[int, int] = (48, 40),
     mode: str = "RGB",
+    mask_suffix: str = "_mask",
 ) -> Path:
     """Write a tiny dataset in MVTec AD layout under ``root/category`` and return that category folder.
 
@@ -70,9 +71,48 @@ def make_mvtec_tree(
                 image[mask > 0] = 250
                 gt_dir = folder / "ground_truth" / defect_type
                 gt_dir.mkdir(parents=True, exist_ok=True)
-                Image.fromarray(mask).save(gt_dir / f"{i:03d}_mask.png")
+                Image.fromarray(mask).save(gt_dir / f"{i:03d}{mask_suffix}.png")
             _pil_image(image, mode).save(test_dir / f"{i:03d}.png")
     return folder
+
+
+def make_visa_tree(root: str | Path, category: str, n_train: int, n_good: int, n_anomaly: int,
+                   size: tuple[int, int] = (60, 40)) -> Path:
+    """A tiny dataset in VisA's layout under ``root``: ``<category>/Data/Images/{Normal,Anomaly}/*.JPG``,
+    ``<category>/Data/Masks/Anomaly/*.png`` (values 0/1, as VisA's) and rows appended to
+    ``split_csv/1cls.csv``. Anomalous images are bright exactly where their mask is set. Returns ``root``."""
+    import csv
+
+    width, height = size
+    root = Path(root)
+    rng = np.random.default_rng(zlib.crc32(category.encode()))
+    images = root / category / "Data" / "Images"
+    masks = root / category / "Data" / "Masks" / "Anomaly"
+    for folder in (images / "Normal", images / "Anomaly", masks, root / "split_csv"):
+        folder.mkdir(parents=True, exist_ok=True)
+    rows = []
+    for i in range(n_train + n_good):
+        name = f"{i:04d}.JPG"
+        Image.fromarray(rng.integers(60, 160, size=(height, width, 3), dtype=np.uint8)).save(images / "Normal" / name, quality=95)
+        split = "train" if i < n_train else "test"
+        rows.append([category, split, "normal", f"{category}/Data/Images/Normal/{name}", ""])
+    for i in range(n_anomaly):
+        image = rng.integers(60, 160, size=(height, width, 3), dtype=np.uint8)
+        mask = np.zeros((height, width), dtype=np.uint8)
+        mask[5 + i : 20 + i, 10 : 30] = 1
+        image[mask > 0] = 250
+        Image.fromarray(image).save(images / "Anomaly" / f"{i:03d}.JPG", quality=95)
+        Image.fromarray(mask).save(masks / f"{i:03d}.png")
+        rows.append([category, "test", "anomaly", f"{category}/Data/Images/Anomaly/{i:03d}.JPG",
+                     f"{category}/Data/Masks/Anomaly/{i:03d}.png"])
+    csv_path = root / "split_csv" / "1cls.csv"
+    new = not csv_path.exists()
+    with csv_path.open("a", newline="") as fh:
+        writer = csv.writer(fh)
+        if new:
+            writer.writerow(["object", "split", "label", "image", "mask"])
+        writer.writerows(rows)
+    return root
 
 
 @pytest.fixture(scope="session")
