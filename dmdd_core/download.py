@@ -227,8 +227,9 @@ SOURCES: dict[str, DownloadSource] = {
         ),
         folder="mpdd",
         layout=(
-            "<category>/train/good/*.png                    (6 categories: bracket_black, bracket_brown,\n"
-            "<category>/test/<type>/*.png                    bracket_white, connector, metal_plate, tubes)\n"
+            "<category>/train/good/*.png                    (6 categories: bracket_black, bracket_brown, "
+            "bracket_white, connector, metal_plate, tubes)\n"
+            "<category>/test/<type>/*.png                   (<type> is good or a defect type)\n"
             "<category>/ground_truth/<type>/<stem>_mask.png"
         ),
         manual=(
@@ -339,14 +340,17 @@ def manual_instructions(
     root: str | Path,
     *,
     url: str | None = None,
+    sha256: str | None = None,
     reason: str | None = None,
 ) -> str:
     """Step-by-step text for setting a dataset up by hand under ``root``: what to download, where to extract it
-    (the exact folder and its expected layout) and what to pass to dmdd. ``reason`` comes first when given."""
+    (the exact folder and its expected layout) and what to pass to dmdd. ``url`` and ``sha256`` replace the
+    registry's address and checksum; ``reason`` comes first when given."""
     src = get_source(source) if isinstance(source, str) else source
     base = Path(root).expanduser()
     target = base / src.folder
     address = url or src.url
+    checksum = sha256 or src.sha256
     archive = src.archive or (PurePosixPath(urllib.parse.urlsplit(address).path).name if address else "")
     lines: list[str] = []
     if reason:
@@ -354,8 +358,8 @@ def manual_instructions(
     lines.append(f"To set up {src.title} by hand:")
     if address:
         facts = [_human_size(src.size)] if src.size else []
-        if src.sha256:
-            facts.append(f"SHA-256 {src.sha256}; check it with `sha256sum {archive}`")
+        if checksum:
+            facts.append(f"SHA-256 {checksum}; check it with `sha256sum {archive}`")
         lines += ["  1. On a machine with internet access, download", f"       {address}"]
         if facts:
             lines.append(f"     ({'; '.join(facts)}).")
@@ -381,7 +385,7 @@ def manual_instructions(
 
 def _check_host(url: str, timeout: float) -> None:
     """Fail fast when the host's name cannot be resolved (offline machine). DNS lookups ignore socket timeouts,
-    so the lookup runs in a helper thread that is waited for at most ``timeout`` seconds."""
+    so the lookup runs in a helper thread that is waited for at most ``timeout`` (and 10) seconds."""
     parts = urllib.parse.urlsplit(url)
     host = parts.hostname
     if not host or parts.scheme not in ("http", "https"):
@@ -404,10 +408,11 @@ def _check_host(url: str, timeout: float) -> None:
 
     worker = threading.Thread(target=resolve, name="dmdd-dns-lookup", daemon=True)
     worker.start()
-    worker.join(timeout)
+    wait = min(timeout, 10.0)
+    worker.join(wait)
     if not outcome:
         raise DownloadUnavailable(
-            f"The host {host} could not be reached: looking up its name took longer than {timeout:g} s. "
+            f"The host {host} could not be reached: looking up its name took longer than {wait:g} s. "
             "This machine seems to be offline.",
             url=url,
         )
@@ -636,9 +641,17 @@ def _check_tar_member_fallback(archive: Path, member: tarfile.TarInfo, target: P
             raise _unsafe(archive, member.name, f"links outside the destination ({member.linkname!r})")
 
 
+def _is_tar(archive: Path) -> bool:
+    """Whether ``archive`` opens as a tar file (reads only its first header)."""
+    try:
+        return tarfile.is_tarfile(archive)
+    except (OSError, EOFError, zlib.error, lzma.LZMAError):
+        return False
+
+
 def _unpack(archive: Path, target: Path, show: bool) -> None:
     """Unpack a tar (any compression) or zip archive into the empty folder ``target``, refusing unsafe members."""
-    if zipfile.is_zipfile(archive):
+    if archive.suffix.lower() == ".zip" or (not _is_tar(archive) and zipfile.is_zipfile(archive)):
         try:
             with zipfile.ZipFile(archive) as zf:
                 infos = zf.infolist()
@@ -789,7 +802,7 @@ def download_dataset(
                 log.info("%s; trying %s", exc, urls[index + 1])
                 continue
             raise DownloadUnavailable(
-                manual_instructions(source, base, url=address, reason=str(exc)),
+                manual_instructions(source, base, url=address, sha256=checksum, reason=str(exc)),
                 url=address,
                 http_status=exc.http_status,
             ) from exc
