@@ -17,6 +17,7 @@ if TYPE_CHECKING:
     from .data import DataSource
 
 BUILTIN = "builtin"
+DOWNLOADABLE = ("mvtec", "visa", "dtd", "mpdd")
 
 DESCRIPTION = """\
 DMDD: Dual-Modeling Decouple Distillation for unsupervised anomaly detection.
@@ -26,9 +27,13 @@ where an image is anomalous; a segmentation network turns that disagreement into
 
 Start here:
   dmdd quickstart                      train + evaluate on the built-in dataset (about 2 min per category on CPU)
-  dmdd train --data DIR --category C   train on your data, in MVTec AD layout (DIR/C/train/good/*.png ...)
+  dmdd train --data DIR --category C   train on your data (MVTec AD, MPDD, VisA, or a folder: see below)
   dmdd evaluate --checkpoint runs/C    image and pixel AUROC on DIR/C/test
   dmdd predict --checkpoint runs/C --input FOLDER --out preds   anomaly maps of any images
+  dmdd download mvtec                  fetch MVTec AD (also visa, dtd), then --data ~/.cache/dmdd/mvtec_anomaly_detection
+
+Datasets: --dataset auto detects MVTec AD / MPDD (ROOT/<category>/train/good ...), VisA (ROOT/split_csv/1cls.csv)
+and a folder of your own (DIR/train/good, DIR/test/<type>, DIR/ground_truth/<type>/<stem>_mask.png).
 """
 
 
@@ -57,7 +62,7 @@ def _source(args: argparse.Namespace, root: Path | None = None) -> DataSource:
 
 def _config(args: argparse.Namespace) -> DMDDConfig:
     overrides: dict[str, Any] = {}
-    for name in ("seed", "teacher", "teacher_weights", "device", "image_size", "batch_size", "num_workers", "val_fraction"):
+    for name in ("seed", "teacher", "teacher_weights", "device", "image_size", "batch_size", "num_workers", "val_fraction", "texture_dir"):
         value = getattr(args, name, None)
         if value is not None:
             overrides[name] = value
@@ -81,6 +86,7 @@ def _add_common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--preset", default="fast", choices=sorted(PRESETS), help="settings preset: 'paper' is the full setting of the method card (GPU), 'fast' trains in ~2 min on CPU (default: fast)")
     p.add_argument("--data", default=BUILTIN, help="dataset root, or 'builtin' for the generated offline dataset (default)")
     _add_data_options(p)
+    p.add_argument("--texture-dir", dest="texture_dir", help="folder of texture images for the synthetic anomalies (the paper's setting: DTD's dtd/images, see `dmdd download dtd`); default: the offline textures")
     p.add_argument("--val-fraction", dest="val_fraction", type=float, help="share of the training images held out for validation (default 0.1; 0 for none)")
     p.add_argument("--seed", type=int, help="random seed (default 0)")
     p.add_argument("--device", help="'auto' (CUDA if available), 'cpu', 'cuda', 'cuda:1'...")
@@ -134,7 +140,31 @@ def build_parser() -> argparse.ArgumentParser:
     _add_common(p)
     p.add_argument("--categories", nargs="+", help="categories (default: all)")
     p.add_argument("--out", default="runs/quickstart", help="output folder (default runs/quickstart)")
+    p = sub.add_parser("download", help="download and extract MVTec AD, VisA or DTD (needs internet; resumable, checksum-verified)")
+    p.add_argument("dataset", choices=sorted(DOWNLOADABLE), help="mvtec, visa, dtd (textures for the synthesis), or mpdd (prints how to get it by hand)")
+    p.add_argument("--root", help="folder to put it in (default: $DMDD_DATA or ~/.cache/dmdd)")
+    p.add_argument("--keep-archive", dest="keep_archive", action="store_true", help="keep the downloaded archive after extraction")
+    p.add_argument("--url", help="another address for the same archive (a mirror)")
+    p.add_argument("--sha256", help="the archive's SHA-256, when --url serves another file")
+    p.add_argument("--timeout", type=float, default=15.0, help="seconds to wait for the server (default 15)")
     return parser
+
+
+def cmd_download(args: argparse.Namespace) -> int:
+    from .data.builtin import default_data_root
+    from .download import DownloadError, download_dataset
+
+    root = Path(args.root).expanduser() if args.root else default_data_root()
+    try:
+        folder = download_dataset(args.dataset, root, keep_archive=args.keep_archive, url=args.url, sha256=args.sha256, timeout=args.timeout)
+    except DownloadError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 3
+    if args.dataset == "dtd":
+        print(f"DTD is in {folder}: train with --texture-dir {folder / 'images'}")
+    else:
+        print(f"{args.dataset} is in {folder}: pass --data {folder}")
+    return 0
 
 
 def cmd_train(args: argparse.Namespace) -> int:
@@ -206,7 +236,13 @@ def cmd_quickstart(args: argparse.Namespace) -> int:
     return 0
 
 
-COMMANDS = {"train": cmd_train, "evaluate": cmd_evaluate, "predict": cmd_predict, "quickstart": cmd_quickstart}
+COMMANDS = {
+    "train": cmd_train,
+    "evaluate": cmd_evaluate,
+    "predict": cmd_predict,
+    "quickstart": cmd_quickstart,
+    "download": cmd_download,
+}
 
 
 def _show_warning(message, category, filename, lineno, file=None, line=None) -> None:  # noqa: ANN001

@@ -16,8 +16,8 @@ from tqdm.auto import tqdm
 from dmdd_core.config import DMDDConfig
 from dmdd_core.data import (
     BUILTIN_CATEGORIES,
-    CategoryData,
     DEFECT_TYPES,
+    CategoryData,
     StreamBatchSampler,
     SyntheticPairDataset,
     TestDataset,

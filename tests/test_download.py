@@ -485,3 +485,31 @@ def test_progress_setting(monkeypatch: pytest.MonkeyPatch) -> None:
 def test_bad_checksum_argument_is_refused(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="SHA-256"):
         dl.download("http://127.0.0.1:9/x", tmp_path / "x", sha256="abc", progress=False)
+
+
+# --- through the command line ------------------------------------------------------------------------------------
+def test_cli_download_gives_a_dataset_the_loaders_read(server: FileServer, tmp_path: Path, capsys) -> None:  # noqa: ANN001
+    from conftest import make_mvtec_tree
+
+    from dmdd_core.cli import main
+    from dmdd_core.data import TestDataset, open_source
+
+    make_mvtec_tree(tmp_path / "src", "bottle", n_train=3, defects={"good": 1, "broken_large": 2})
+    buffer = io.BytesIO()
+    with tarfile.open(fileobj=buffer, mode="w:xz") as tf:
+        tf.add(tmp_path / "src" / "bottle", arcname="bottle")
+    payload = buffer.getvalue()
+    server.files["/mvtec_anomaly_detection.tar.xz"] = payload
+    args = ["download", "mvtec", "--root", str(tmp_path / "data"), "--url", server.url("/mvtec_anomaly_detection.tar.xz")]
+    assert main([*args, "--sha256", sha(payload)]) == 0
+    folder = tmp_path / "data" / "mvtec_anomaly_detection"
+    assert f"pass --data {folder}" in capsys.readouterr().out
+    source = open_source(folder)
+    assert source.kind == "mvtec" and source.categories() == ["bottle"]
+    assert TestDataset(source, "bottle", 32).labels == [1, 1, 0]
+    assert main(args) == 0 and len(server.requests) == 1  # present: nothing fetched again
+
+    offline = ["download", "visa", "--root", str(tmp_path / "v"), "--url", closed_port_url(), "--timeout", "3"]
+    assert main(offline) == 3
+    err = capsys.readouterr().err
+    assert "could not be reached" in err and f"--data {tmp_path / 'v' / 'visa'}" in err
