@@ -32,3 +32,27 @@ def test_speed_smoke(builtin_root: Path, tmp_path: Path) -> None:
     for key in ("stage1_img_s", "stage2_img_s", "inference_img_s", "data_img_s"):
         assert result[key] > 0, key
     assert result["peak_memory_mib"]["process"] > 0
+
+
+def test_data_loading_benchmark(tmp_path: Path) -> None:
+    spec = importlib.util.spec_from_file_location("dmdd_benchmark_data", SCRIPT.parent / "data_loading.py")
+    assert spec is not None and spec.loader is not None
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    speed_json = tmp_path / "speed.json"
+    rates = {"preset": "fast", "device": "cpu", "image_size": 128, "batch_size": 8, "stage1_img_s": 20.0,
+             "stage2_img_s": 8.0, "inference_img_s": 30.0}
+    speed_json.write_text(json.dumps({"results": [rates]}))
+    out = tmp_path / "data.json"
+    argv = "--images 6 --source-size 96 --size 64 --pairs 8 --workers 1 --batch-size 4"
+    report = bench.main([*argv.split(), "--speed-json", str(speed_json), "--json", str(out)])
+    assert json.loads(out.read_text()) == json.loads(json.dumps(report))
+    assert report["num_images"] == 6 and report["first_image_size"] == [96, 96] and report["input_size"] == 64
+    rates_measured = {k: v for k, v in report["data"].items() if k.endswith("_img_s")}
+    assert set(rates_measured) >= {"decode_warm_img_s", "decode_1_thread_img_s", "pairs_decoding_each_img_s",
+                                   "pairs_cached_img_s", "pairs_cached_1_workers_img_s"}
+    assert all(v > 0 for v in rates_measured.values())
+    assert report["training"] == [{k: rates[k] for k in ("preset", "device", "image_size", "batch_size",
+                                                          "stage1_img_s", "stage2_img_s")}]
+    table = bench.format_table(report["data"], report["training"])
+    assert "training step, stage 1, fast preset" in table and "in-memory cache" in table

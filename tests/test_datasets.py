@@ -335,3 +335,22 @@ def test_training_never_downloads(tmp_path: Path, monkeypatch: pytest.MonkeyPatc
 
     with pytest.raises(FileNotFoundError, match="dmdd download"):
         train(DMDDConfig.preset("smoke"), tmp_path / "mvtec_anomaly_detection", "bottle", tmp_path / "run")
+
+
+@pytest.mark.parametrize("layout", ["visa", "folder"])
+def test_cli_trains_and_evaluates_every_layout(layout: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    if layout == "visa":
+        data, category = make_visa_tree(tmp_path / "VisA", "pcb1", n_train=8, n_good=2, n_anomaly=2), "pcb1"
+        extra: list[str] = []
+    else:
+        data = make_mvtec_tree(tmp_path, "my part", n_train=8, defects={"good": 2, "dent": 2}, mask_suffix="_gt")
+        category, extra = "my part", ["--mask-suffix", "_gt"]
+    args = ["train", "--preset", "smoke", "--teacher", "tf_efficientnet_lite0", "--data", str(data), "--dataset",
+            layout, *extra, "--out", str(tmp_path / "run"), "--evaluate"]
+    assert main(args) == 0
+    out = capsys.readouterr().out
+    assert f"({layout}), category {category}" in out and "[test split, 4 images" in out
+    state = torch.load(tmp_path / "run" / "checkpoint.pt", weights_only=True)
+    assert state["data"]["kind"] == layout and state["category"] == category
+    assert main(["evaluate", "--checkpoint", str(tmp_path / "run")]) == 0  # reopens the same layout from the checkpoint
+    assert "[test split, 4 images" in capsys.readouterr().out

@@ -1,0 +1,221 @@
+"""Data-loading benchmark: can decoding, resizing and anomaly synthesis keep up with training?
+
+It measures, in images per second at the network input size (default 256x256):
+
+- ``decode cold``: decode + resize from disk with the package's loader (a thread pool), after asking the OS to
+  drop the files from its page cache (``posix_fadvise(DONTNEED)``; without it the number is a warm one);
+- ``decode warm``: the same again, files in the page cache; ``decode 1 thread`` for comparison;
+- ``pairs, decoding each time``: a training pair made by decoding its image from disk, then synthesis (what a
+  loader without the in-memory cache does);
+- ``pairs from cache``: a training pair from the decoded images held in memory (what training does), in the
+  main process and through a ``DataLoader`` with ``--workers`` worker processes;
+
+beside the training step rates of the ``fast`` and ``paper`` presets (stage 1 and stage 2, from
+``benchmarks/speed.py``, run here or read from its ``--json``). Data loading does not starve training when the
+cached pair rate is above the step rates.
+
+Without ``--data`` it writes ``--images`` PNGs of ``--source-size`` pixels, like MVTec AD's (700 to 1024 px,
+RGB or grayscale), made from scikit-image's texture photographs. Run::
+
+    python benchmarks/data_loading.py                               # about two minutes on two CPU cores
+    python benchmarks/data_loading.py --data ~/data/mvtec --category carpet --speed-json speed.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import os
+import sys
+import tempfile
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from PIL import Image
+from torch.utils.data import DataLoader
+
+from dmdd_core.data import SyntheticPairDataset, load_images, open_source, stream_indices
+from dmdd_core.data.loading import _decode_image
+from dmdd_core.synthesis import TextureSource, rotate_for_category, synthesize_anomaly
+
+SPEED_SCRIPT = Path(__file__).resolve().parent / "speed.py"
+
+
+def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        description="Data-loading throughput beside the training step rate.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    parser.add_argument("--data", default=None, help="dataset root of any layout (default: generated PNGs)")
+    parser.add_argument("--category", default=None, help="category of --data (default: the first)")
+    parser.add_argument("--images", type=int, default=120, help="generated images (without --data)")
+    parser.add_argument("--source-size", type=int, default=1024, help="side of the generated images")
+    parser.add_argument("--size", type=int, default=256, help="network input side the images are resized to")
+    parser.add_argument("--pairs", type=int, default=200, help="training pairs timed per measurement")
+    parser.add_argument("--workers", type=int, default=2, help="DataLoader worker processes for the last row")
+    parser.add_argument("--batch-size", type=int, default=8, help="DataLoader batch for the last row")
+    parser.add_argument("--speed-json", default=None, help="training rates from benchmarks/speed.py --json")
+    parser.add_argument("--no-train-rates", action="store_true", help="do not measure the training step rates")
+    parser.add_argument("--speed-steps", type=int, default=3, help="timed steps of the training rate measurement")
+    parser.add_argument("--json", default=None, metavar="PATH", help="also write the results as JSON")
+    return parser.parse_args(argv)
+
+
+def make_images(folder: Path, count: int, side: int) -> list[Path]:
+    """``count`` PNGs of side x side under ``folder``: colour-tinted crops of real texture photographs, so they
+    compress like real photographs do (pure noise would not)."""
+    import skimage.data
+
+    sources = [getattr(skimage.data, name)().astype(np.float32) / 255.0 for name in ("brick", "grass", "gravel")]
+    rng = np.random.default_rng(0)
+    paths = []
+    for i in range(count):
+        gray = sources[i % len(sources)]
+        image = np.asarray(Image.fromarray((gray * 255).astype(np.uint8)).resize((side, side), Image.Resampling.BICUBIC))
+        tint = rng.uniform(0.6, 1.0, size=3)
+        rgb = (image[:, :, None] * tint[None, None, :]).astype(np.uint8)
+        path = folder / f"{i:03d}.png"
+        Image.fromarray(rgb).save(path)
+        paths.append(path)
+    return paths
+
+
+def drop_page_cache(paths: Sequence[Path]) -> bool:
+    """Ask the OS to forget the files' cached pages; False where it cannot be asked."""
+    if not hasattr(os, "posix_fadvise"):
+        return False
+    for path in paths:
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+        finally:
+            os.close(fd)
+    return True
+
+
+def rate(count: int, seconds: float) -> float:
+    return count / max(seconds, 1e-9)
+
+
+def measure(paths: list[Path], category: str, args: argparse.Namespace) -> dict[str, Any]:
+    size = args.size
+    results: dict[str, Any] = {}
+    cold = drop_page_cache(paths)
+    started = time.perf_counter()
+    images, _ = load_images(paths, size, progress=False)
+    results["decode_cold_img_s" if cold else "decode_first_img_s"] = rate(len(paths), time.perf_counter() - started)
+    started = time.perf_counter()
+    load_images(paths, size, progress=False)
+    results["decode_warm_img_s"] = rate(len(paths), time.perf_counter() - started)
+    started = time.perf_counter()
+    for path in paths:
+        _decode_image(path, size)
+    results["decode_1_thread_img_s"] = rate(len(paths), time.perf_counter() - started)
+
+    textures = TextureSource.builtin(exclude=(category,))
+    dataset = SyntheticPairDataset(images, category, textures, seed=0)
+    for k in range(5):  # load the textures the stream uses first
+        dataset[k]
+    started = time.perf_counter()
+    for k in range(args.pairs):
+        rng = np.random.default_rng([0, k])
+        decoded = _decode_image(paths[int(rng.integers(len(paths)))], size)
+        assert isinstance(decoded, np.ndarray)
+        image = rotate_for_category(decoded.astype(np.float32) / 255.0, category, rng)
+        synthesize_anomaly(image, textures, rng)
+    results["pairs_decoding_each_img_s"] = rate(args.pairs, time.perf_counter() - started)
+    started = time.perf_counter()
+    for k in range(args.pairs):
+        dataset[k]
+    results["pairs_cached_img_s"] = rate(args.pairs, time.perf_counter() - started)
+
+    steps = max(1, args.pairs // args.batch_size)
+    sampler = [stream_indices(s, args.batch_size) for s in range(steps)]
+    loader = DataLoader(dataset, batch_sampler=sampler, num_workers=args.workers, pin_memory=torch.cuda.is_available())
+    started = time.perf_counter()
+    for _ in loader:
+        pass
+    results[f"pairs_cached_{args.workers}_workers_img_s"] = rate(steps * args.batch_size, time.perf_counter() - started)
+    results["page_cache_dropped"] = cold
+    return results
+
+
+def training_rates(args: argparse.Namespace) -> list[dict[str, Any]]:
+    """Stage-1/2 img/s of the fast and paper presets, from --speed-json or measured by benchmarks/speed.py."""
+    if args.speed_json:
+        return list(json.loads(Path(args.speed_json).read_text())["results"])
+    spec = importlib.util.spec_from_file_location("dmdd_benchmark_speed", SPEED_SCRIPT)
+    assert spec is not None and spec.loader is not None
+    speed = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(speed)
+    argv = ["--presets", "fast", "paper", "--steps", str(args.speed_steps), "--warmup", "1", "--prebuilt", "1"]
+    return list(speed.main(argv)["results"])
+
+
+LABELS = {
+    "decode_cold_img_s": "decode + resize from disk, page cache dropped (thread pool)",
+    "decode_first_img_s": "decode + resize from disk, first pass (thread pool)",
+    "decode_warm_img_s": "decode + resize from disk, page cache warm (thread pool)",
+    "decode_1_thread_img_s": "decode + resize from disk, one thread",
+    "pairs_decoding_each_img_s": "training pairs, decoding the image each time",
+    "pairs_cached_img_s": "training pairs from the in-memory cache (main process)",
+}
+
+
+def format_table(data: dict[str, Any], train: list[dict[str, Any]]) -> str:
+    lines = ["| what | img/s |", "|---|---|"]
+    for key, value in data.items():
+        if key.endswith("_img_s"):
+            label = LABELS.get(key, key.replace("pairs_cached_", "training pairs from the cache, DataLoader with ")
+                               .replace("_workers_img_s", " workers"))
+            lines.append(f"| {label} | {value:.1f} |")
+    for row in train:
+        where = f"{row['preset']} preset, {row['image_size']}x{row['image_size']}, batch {row['batch_size']}, {row['device']}"
+        lines.append(f"| training step, stage 1, {where} | {row['stage1_img_s']:.1f} |")
+        lines.append(f"| training step, stage 2, {where} | {row['stage2_img_s']:.1f} |")
+    return "\n".join(lines)
+
+
+def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
+    args = parse_args(argv)
+    with tempfile.TemporaryDirectory(prefix="dmdd-data-bench-") as tmp:
+        if args.data:
+            source = open_source(args.data)
+            category = args.category or source.categories()[0]
+            paths = source.train_images(category)
+            origin = f"{source.root} ({source.kind}), category {category}"
+        else:
+            category = "carpet"
+            paths = make_images(Path(tmp), args.images, args.source_size)
+            origin = f"{args.images} generated RGB PNGs of {args.source_size}x{args.source_size}"
+        with Image.open(paths[0]) as first:
+            source_size = first.size
+        data = measure(paths, category, args)
+    train = [] if args.no_train_rates else training_rates(args)
+    report = {
+        "images": origin,
+        "num_images": len(paths),
+        "first_image_size": list(source_size),
+        "input_size": args.size,
+        "cpu_count": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+        "data": data,
+        "training": [
+            {k: row[k] for k in ("preset", "device", "image_size", "batch_size", "stage1_img_s", "stage2_img_s")}
+            for row in train
+        ],
+    }
+    print(f"images: {origin}; input {args.size}x{args.size}; {os.cpu_count()} CPUs")
+    print(format_table(data, report["training"]))
+    if args.json:
+        Path(args.json).write_text(json.dumps(report, indent=2))
+    return report
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
