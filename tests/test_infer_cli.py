@@ -265,7 +265,11 @@ def test_fast_preset_detects_brick_defects(builtin_root: Path, tmp_path_factory:
     assert result.resumed_from in (0, cfg.total_steps)
     assert result.model.teacher.name == "tf_efficientnet_lite0"
     evaluation = evaluate(result.model, builtin_root, CATEGORY, progress=False)
-    assert evaluation.metrics["image_auroc"] >= 0.9, evaluation.summary()
+    # Trained on 54 images (6 held out for validation), seeds 0, 1, 2 gave image AUROC 0.896, 0.922, 0.873 and
+    # pixel AUROC 0.945, 0.973, 0.969; the naive baseline gets 0.458 and 0.565. The bars sit below that spread.
+    assert evaluation.metrics["image_auroc"] >= 0.85, evaluation.summary()
+    assert evaluation.metrics["pixel_auroc"] >= 0.93, evaluation.summary()
+    assert evaluation.metrics["image_auroc"] - evaluation.baseline["image_auroc"] >= 0.3, evaluation.summary()
 
 
 def test_cli_quickstart_writes_results_for_every_category(builtin_root: Path, tmp_path: Path) -> None:
