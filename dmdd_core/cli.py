@@ -140,6 +140,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_common(p)
     p.add_argument("--categories", nargs="+", help="categories (default: all)")
     p.add_argument("--out", default="runs/quickstart", help="output folder (default runs/quickstart)")
+    p.add_argument("--no-resume", dest="resume", action="store_false", help="train again even where --out holds finished runs")
     p = sub.add_parser("download", help="download and extract MVTec AD, VisA or DTD (needs internet; resumable, checksum-verified)")
     p.add_argument("dataset", choices=sorted(DOWNLOADABLE), help="mvtec, visa, dtd (textures for the synthesis), or mpdd (prints how to get it by hand)")
     p.add_argument("--root", help="folder to put it in (default: $DMDD_DATA or ~/.cache/dmdd)")
@@ -232,7 +233,7 @@ def cmd_quickstart(args: argparse.Namespace) -> int:
     cfg = _config(args)
     source = _source(args)
     categories = args.categories or source.categories()
-    quickstart(cfg, source, categories, Path(args.out), skip_bad=args.skip_bad)
+    quickstart(cfg, source, categories, Path(args.out), skip_bad=args.skip_bad, resume=args.resume)
     return 0
 
 

@@ -59,7 +59,13 @@ def example_figure(ev: Evaluation, per_kind: int = 2):
 
 
 def quickstart(
-    cfg: DMDDConfig, root: Path | DataSource, categories: list[str], out: Path, *, skip_bad: bool = False
+    cfg: DMDDConfig,
+    root: Path | DataSource,
+    categories: list[str],
+    out: Path,
+    *,
+    skip_bad: bool = False,
+    resume: bool = True,
 ) -> list[Evaluation]:
     """Train (or load, when finished before) and evaluate each category; write ``results.json``,
     ``results.md`` and figures under ``out``; print the table."""
@@ -71,7 +77,7 @@ def quickstart(
     source = as_source(root)
     for category in categories:
         started = time.perf_counter()
-        result = train(cfg, source, category, out / category, teacher=teacher, skip_bad=skip_bad)
+        result = train(cfg, source, category, out / category, teacher=teacher, skip_bad=skip_bad, resume=resume)
         ev = evaluate(result.model, source, category, skip_bad=skip_bad)
         ev.input_report.extend(result.input_report)
         history = result.validation.get("history", [])
