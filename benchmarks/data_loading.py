@@ -63,6 +63,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--no-train-rates", action="store_true", help="do not measure the training step rates")
     parser.add_argument("--speed-steps", type=int, default=3, help="timed steps of the training rate measurement")
     parser.add_argument("--json", default=None, metavar="PATH", help="also write the results as JSON")
+    parser.add_argument("--figure", default=None, metavar="PATH", help="also save a bar chart (png)")
     return parser.parse_args(argv)
 
 
@@ -181,6 +182,31 @@ def format_table(data: dict[str, Any], train: list[dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
+def plot(report: dict[str, Any]):  # noqa: ANN201 - a matplotlib Figure
+    """Horizontal bars: data-loading rates (blue) beside the training step rates (grey), img/s."""
+    from dmdd_core.plots import figure
+
+    rows = [(LABELS.get(k, k), v) for k, v in report["data"].items() if k.endswith("_img_s") and k in LABELS]
+    rows += [(f"training pairs from the cache, {k.split('_')[2]} DataLoader workers", v)
+             for k, v in report["data"].items() if k.startswith("pairs_cached_") and k.endswith("workers_img_s")]
+    train = [(f"training step {stage}, {r['preset']} ({r['image_size']}², batch {r['batch_size']}, {r['device']})",
+              r[f"stage{stage[-1]}_img_s"]) for r in report["training"] for stage in ("stage 1", "stage 2")]
+    labels = [label for label, _ in rows + train]
+    values = [value for _, value in rows + train]
+    fig, axes = figure(size=(9, 0.4 * len(labels) + 1.2))
+    ax = axes[0, 0]
+    colours = ["tab:blue"] * len(rows) + ["tab:grey"] * len(train)
+    ax.barh(range(len(labels)), values, color=colours)
+    ax.set_yticks(range(len(labels)), labels)
+    ax.invert_yaxis()
+    for i, value in enumerate(values):
+        ax.text(value, i, f" {value:.1f}", va="center", fontsize=8)
+    ax.set_xlabel("images per second")
+    ax.set_title(f"Data loading vs training, {report['images']} -> {report['input_size']}², {report['cpu_count']} CPUs",
+                 fontsize=9)
+    return fig
+
+
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     args = parse_args(argv)
     with tempfile.TemporaryDirectory(prefix="dmdd-data-bench-") as tmp:
@@ -214,6 +240,12 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     print(format_table(data, report["training"]))
     if args.json:
         Path(args.json).write_text(json.dumps(report, indent=2))
+    if args.figure:
+        fig = plot(report)
+        fig.savefig(args.figure, dpi=120, bbox_inches="tight")
+        import matplotlib.pyplot as plt
+
+        plt.close(fig)
     return report
 
 

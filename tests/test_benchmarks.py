@@ -45,7 +45,9 @@ def test_data_loading_benchmark(tmp_path: Path) -> None:
     speed_json.write_text(json.dumps({"results": [rates]}))
     out = tmp_path / "data.json"
     argv = "--images 6 --source-size 96 --size 64 --pairs 8 --workers 1 --batch-size 4"
-    report = bench.main([*argv.split(), "--speed-json", str(speed_json), "--json", str(out)])
+    figure = tmp_path / "data.png"
+    report = bench.main([*argv.split(), "--speed-json", str(speed_json), "--json", str(out), "--figure", str(figure)])
+    assert figure.stat().st_size > 10_000
     assert json.loads(out.read_text()) == json.loads(json.dumps(report))
     assert report["num_images"] == 6 and report["first_image_size"] == [96, 96] and report["input_size"] == 64
     rates_measured = {k: v for k, v in report["data"].items() if k.endswith("_img_s")}
