@@ -32,7 +32,7 @@ from .data import (
     default_textures,
 )
 from .imageio import IMAGE_EXTENSIONS, open_image, rgb_array
-from .metrics import image_auroc, pixel_auroc
+from .metrics import aupro, image_auroc, pixel_ap, pixel_auroc
 from .model import DMDD
 from .train import progress_disabled
 
@@ -115,6 +115,9 @@ class Evaluation:
             "resolution": self.resolution,
             "seed": self.seed,
             "checkpoint_rule": self.checkpoint_rule,
+            "metric_resolution": f"the model's input, {self.resolution}x{self.resolution}",
+            "aupro_definition": "reference: dataset-level, 8-connected regions, FPR over all anomaly-free pixels "
+            "(good images included), exact curve, limit 0.3, area / 0.3",
             "num_images": self.num_images,
             "num_defective": self.num_defective,
             "dmdd": self.metrics,
@@ -126,7 +129,8 @@ class Evaluation:
         m, b = self.metrics, self.baseline
         return (
             f"{self.category}: image AUROC {m['image_auroc']:.3f} (baseline {b['image_auroc']:.3f}), "
-            f"pixel AUROC {m['pixel_auroc']:.3f} (baseline {b['pixel_auroc']:.3f}) "
+            f"pixel AUROC {m['pixel_auroc']:.3f} (baseline {b['pixel_auroc']:.3f}), "
+            f"AUPRO {m['aupro']:.3f} (baseline {b['aupro']:.3f}) "
             f"[{self.split} split, {self.num_images} images, {self.resolution}x{self.resolution}, seed {self.seed}"
             + (f"; {self.input_report.summary()}" if self.input_report.summary() else "")
             + "]"
@@ -134,7 +138,13 @@ class Evaluation:
 
 
 def _metrics(labels: np.ndarray, scores: np.ndarray, masks: np.ndarray, maps: np.ndarray) -> dict[str, float]:
-    return {"image_auroc": image_auroc(labels, scores), "pixel_auroc": pixel_auroc(masks, maps)}
+    """Image AUROC, pixel AUROC, pixel AP and the reference AUPRO (FPR limit 0.3), at the maps' resolution."""
+    return {
+        "image_auroc": image_auroc(labels, scores),
+        "pixel_auroc": pixel_auroc(masks, maps),
+        "pixel_ap": pixel_ap(masks, maps),
+        "aupro": aupro(masks, maps),
+    }
 
 
 def evaluate(

@@ -58,3 +58,16 @@ def test_data_loading_benchmark(tmp_path: Path) -> None:
                                                           "stage1_img_s", "stage2_img_s")}]
     table = bench.format_table(report["data"], report["training"])
     assert "training step, stage 1, fast preset" in table and "in-memory cache" in table
+
+
+def test_metrics_speed_benchmark(tmp_path: Path) -> None:
+    spec = importlib.util.spec_from_file_location("dmdd_benchmark_metrics", SCRIPT.parent / "metrics_speed.py")
+    assert spec is not None and spec.loader is not None
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    out = tmp_path / "m.json"
+    report = bench.main(["--images", "6", "--size", "32", "--repeat", "1", "--json", str(out)])
+    assert json.loads(out.read_text()) == json.loads(json.dumps(report))
+    rows = report["metrics"]
+    assert set(rows) >= {"aupro (reference)", "aupro per image (variant)", "aupro 200 linear thresholds (variant)"}
+    assert all(r["seconds"] > 0 and 0.0 <= r["value"] <= 1.0 for r in rows.values())
