@@ -9,12 +9,16 @@ from pathlib import Path
 SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "speed.py"
 
 
-def _load_speed():
-    spec = importlib.util.spec_from_file_location("dmdd_benchmark_speed", SCRIPT)
+def _load_script(path: Path):  # noqa: ANN202 - the benchmark script as a module
+    spec = importlib.util.spec_from_file_location(f"dmdd_benchmark_{path.stem}", path)
     assert spec is not None and spec.loader is not None
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
+
+
+def _load_speed():  # noqa: ANN202
+    return _load_script(SCRIPT)
 
 
 def test_speed_smoke(builtin_root: Path, tmp_path: Path) -> None:
@@ -35,10 +39,7 @@ def test_speed_smoke(builtin_root: Path, tmp_path: Path) -> None:
 
 
 def test_data_loading_benchmark(tmp_path: Path) -> None:
-    spec = importlib.util.spec_from_file_location("dmdd_benchmark_data", SCRIPT.parent / "data_loading.py")
-    assert spec is not None and spec.loader is not None
-    bench = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(bench)
+    bench = _load_script(SCRIPT.parent / "data_loading.py")
     speed_json = tmp_path / "speed.json"
     rates = {"preset": "fast", "device": "cpu", "image_size": 128, "batch_size": 8, "stage1_img_s": 20.0,
              "stage2_img_s": 8.0, "inference_img_s": 30.0}
@@ -61,10 +62,7 @@ def test_data_loading_benchmark(tmp_path: Path) -> None:
 
 
 def test_metrics_speed_benchmark(tmp_path: Path) -> None:
-    spec = importlib.util.spec_from_file_location("dmdd_benchmark_metrics", SCRIPT.parent / "metrics_speed.py")
-    assert spec is not None and spec.loader is not None
-    bench = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(bench)
+    bench = _load_script(SCRIPT.parent / "metrics_speed.py")
     out = tmp_path / "m.json"
     report = bench.main(["--images", "6", "--size", "32", "--repeat", "1", "--json", str(out)])
     assert json.loads(out.read_text()) == json.loads(json.dumps(report))
