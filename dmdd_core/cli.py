@@ -51,13 +51,12 @@ def _data_root(value: str) -> Path:
     return root
 
 
-def _source(args: argparse.Namespace, root: Path | None = None) -> DataSource:
+def _source(args: argparse.Namespace) -> DataSource:
     """The dataset of ``--data``/``--dataset``/``--mask-suffix``."""
     from .data import open_source
 
-    root = root if root is not None else _data_root(args.data)
     kind = "builtin" if args.data == BUILTIN else args.dataset
-    return open_source(root, kind, mask_suffix=args.mask_suffix)
+    return open_source(_data_root(args.data), kind, mask_suffix=args.mask_suffix)
 
 
 def _config(args: argparse.Namespace) -> DMDDConfig:

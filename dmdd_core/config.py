@@ -198,6 +198,15 @@ def is_fast_mode() -> bool:
     return os.environ.get("DMDD_FAST", "").strip().lower() in ("1", "true", "yes")
 
 
+def progress_disabled(progress: bool | None) -> bool | None:
+    """tqdm's ``disable``: forced by ``progress``; else off in fast mode and CI, tqdm's own choice otherwise."""
+    if progress is not None:
+        return not progress
+    if is_fast_mode() or os.environ.get("CI"):
+        return True
+    return None
+
+
 PRESETS: dict[str, dict[str, Any]] = {
     # METHOD.md section 6 exactly.
     "paper": {},

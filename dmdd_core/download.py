@@ -77,6 +77,8 @@ from typing import Any
 
 from tqdm.auto import tqdm
 
+from dmdd_core.config import progress_disabled
+
 __all__ = [
     "MARKER_NAME",
     "SOURCES",
@@ -279,10 +281,7 @@ def get_source(name: str) -> DownloadSource:
 
 def progress_enabled(progress: bool | None = None) -> bool:
     """Whether to show progress bars: ``progress`` when given, else on unless DMDD_FAST=1 or CI is set."""
-    if progress is not None:
-        return bool(progress)
-    fast = os.environ.get("DMDD_FAST", "").strip().lower() in ("1", "true", "yes")
-    return not (fast or bool(os.environ.get("CI", "").strip()))
+    return not progress_disabled(progress)
 
 
 def file_sha256(path: str | Path, chunk_size: int = 1 << 20) -> str:

@@ -21,6 +21,7 @@ from torch import Tensor
 from torch.utils.data import DataLoader
 
 from .baseline import MeanImageBaseline
+from .config import progress_disabled
 from .data import (
     CategoryData,
     DataSource,
@@ -30,11 +31,11 @@ from .data import (
     ValidationDataset,
     as_source,
     default_textures,
+    images_to_tensor,
 )
 from .imageio import IMAGE_EXTENSIONS, open_image, rgb_array
 from .metrics import aupro, image_auroc, pixel_ap, pixel_auroc
 from .model import DMDD
-from .train import progress_disabled
 
 
 @dataclass
@@ -177,8 +178,7 @@ def evaluate(
     else:
         dataset = ValidationDataset.from_config(category_data, cfg, default_textures(category, cfg))
     preds = predict_dataset(model, dataset, batch_size, progress)
-    train_images = torch.from_numpy(category_data.train_images).permute(0, 3, 1, 2).float().div(255.0)
-    baseline = MeanImageBaseline(top_k=cfg.top_k).fit(train_images)
+    baseline = MeanImageBaseline(top_k=cfg.top_k).fit(images_to_tensor(category_data.train_images))
     base_maps, base_scores = baseline.predict(dataset.image_tensor())
     return Evaluation(
         category=category,

@@ -79,7 +79,6 @@ def quickstart(
         started = time.perf_counter()
         result = train(cfg, source, category, out / category, teacher=teacher, skip_bad=skip_bad, resume=resume)
         ev = evaluate(result.model, source, category, skip_bad=skip_bad)
-        ev.input_report.extend(result.input_report)
         history = result.validation.get("history", [])
         validation.append(history[-1] if history else {})
         timings[category] = round(time.perf_counter() - started, 1)

@@ -28,10 +28,11 @@ import torch
 from torch import Tensor
 from torch.utils.data import DataLoader
 
-from .config import DMDDConfig, is_fast_mode
+from .config import DMDDConfig, progress_disabled
 from .data import (
     CategoryData,
     DataSource,
+    InputReport,
     StreamBatchSampler,
     SyntheticPairDataset,
     TrainPair,
@@ -39,7 +40,6 @@ from .data import (
     as_source,
     default_textures,
 )
-from .data.loading import InputReport
 from .losses import aim_loss, focal_loss, l1_loss, ngm_loss, segmentation_target
 from .model import DMDD, Teacher, build_teacher
 
@@ -71,15 +71,6 @@ def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed)
     torch.manual_seed(seed)
-
-
-def progress_disabled(progress: bool | None) -> bool | None:
-    """tqdm's ``disable``: forced by ``progress``; else off in fast mode and CI, tqdm's own choice otherwise."""
-    if progress is not None:
-        return not progress
-    if is_fast_mode() or os.environ.get("CI"):
-        return True
-    return None
 
 
 def atomic_save(obj: Any, path: Path) -> None:

@@ -15,6 +15,7 @@ from dmdd_core.data.datasets import (
     TrainPair,
     ValidationDataset,
     default_textures,
+    images_to_tensor,
     split_train_val,
     stream_indices,
 )
@@ -79,6 +80,7 @@ __all__ = [
     "list_categories",
     "list_test_images",
     "list_train_images",
+    "images_to_tensor",
     "load_image",
     "load_images",
     "load_mask",

@@ -74,6 +74,11 @@ def _to_chw(image: np.ndarray) -> Tensor:
     return torch.from_numpy(np.ascontiguousarray(image.transpose(2, 0, 1), dtype=np.float32))
 
 
+def images_to_tensor(images: np.ndarray) -> Tensor:
+    """(N,S,S,3) uint8 images -> one (N,3,S,S) float tensor in [0,1]."""
+    return torch.from_numpy(images).permute(0, 3, 1, 2).float().div(255.0)
+
+
 # --- the validation split ----------------------------------------------------------------------------------------
 def split_train_val(paths: Sequence[Path], val_fraction: float, seed: int = 0) -> tuple[list[Path], list[Path]]:
     """Split sorted training paths into (train, val): round(val_fraction * N) images, at least one when
@@ -288,7 +293,7 @@ class LabelledDataset(Dataset[Sample]):
 
     def image_tensor(self) -> Tensor:
         """Every image as one (N,3,S,S) float tensor in [0,1]."""
-        return torch.from_numpy(self.images).permute(0, 3, 1, 2).float().div(255.0)
+        return images_to_tensor(self.images)
 
 
 class TestDataset(LabelledDataset):

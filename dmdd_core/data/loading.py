@@ -31,10 +31,11 @@ from typing import Any, TypeVar
 
 import numpy as np
 import torch
+from PIL import Image
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from dmdd_core.config import is_fast_mode
+from dmdd_core.config import progress_disabled
 from dmdd_core.data.sources import TestItem
 from dmdd_core.imageio import binary_mask_array, open_image, rgb_array
 
@@ -116,7 +117,7 @@ def _workers() -> int:
 
 def _parallel(fn: Callable[[T], R], items: Sequence[T], desc: str, progress: bool | None) -> list[R]:
     """``[fn(x) for x in items]`` in a thread pool, in order, with a progress bar."""
-    disable = (not progress) if progress is not None else (is_fast_mode() or bool(os.environ.get("CI")) or None)
+    disable = progress_disabled(progress)
     with ThreadPoolExecutor(_workers()) as pool, tqdm(total=len(items), desc=desc, unit="img", disable=disable, file=sys.stderr) as bar:
         results = []
         for result in pool.map(fn, items):
@@ -125,22 +126,38 @@ def _parallel(fn: Callable[[T], R], items: Sequence[T], desc: str, progress: boo
     return results
 
 
-def _finish(problems: list[Problem], skip_bad: bool, report: InputReport, what: str) -> None:
-    if not problems:
-        return
-    if not skip_bad:
+def _decode_all(
+    decode: Callable[[T], R | Problem],
+    items: Sequence[T],
+    *,
+    what: str,
+    desc: str,
+    skip_bad: bool,
+    report: InputReport,
+    progress: bool | None,
+) -> list[tuple[T, R]]:
+    """Decode every item in a thread pool; the (item, result) pairs that worked, in order. Problems raise one
+    :class:`BadInputError`, or with ``skip_bad`` are warned about and added to ``report``."""
+    results = _parallel(decode, list(items), desc, progress)
+    problems = [r for r in results if isinstance(r, Problem)]
+    if problems and not skip_bad:
         raise BadInputError(problems, what)
     for problem in problems:
         warnings.warn(f"skipped {problem}", stacklevel=3)
     report.skipped += problems
+    return [(item, r) for item, r in zip(items, results) if not isinstance(r, Problem)]
+
+
+def _rgb_uint8(img: Image.Image, size: int) -> np.ndarray:
+    """A decoded image -> (size,size,3) uint8, through the one RGB conversion of :mod:`dmdd_core.imageio`."""
+    return np.round(rgb_array(img, (size, size)) * 255.0).astype(np.uint8)
 
 
 def _decode_image(path: Path, size: int) -> np.ndarray | Problem:
     try:
-        image = rgb_array(open_image(path), (size, size))
+        return _rgb_uint8(open_image(path), size)
     except (ValueError, FileNotFoundError) as err:
         return Problem(str(path), str(err))
-    return np.round(image * 255.0).astype(np.uint8)
 
 
 def load_images(
@@ -153,11 +170,10 @@ def load_images(
     desc: str = "decode",
 ) -> tuple[np.ndarray, list[Path]]:
     """Decode and resize ``paths`` -> ((N,size,size,3) uint8, the paths kept, in order)."""
-    report = report if report is not None else InputReport()
-    results = _parallel(lambda p: _decode_image(p, size), list(paths), desc, progress)
-    problems = [r for r in results if isinstance(r, Problem)]
-    _finish(problems, skip_bad, report, "images")
-    kept = [(p, r) for p, r in zip(paths, results) if not isinstance(r, Problem)]
+    kept = _decode_all(
+        lambda p: _decode_image(p, size), paths, what="images", desc=desc, skip_bad=skip_bad,
+        report=report if report is not None else InputReport(), progress=progress,
+    )
     if not kept:
         return np.zeros((0, size, size, 3), np.uint8), []
     return np.stack([r for _, r in kept]), [p for p, _ in kept]
@@ -175,7 +191,7 @@ def _decode_item(item: TestItem, size: int) -> _Decoded | Problem:
         img = open_image(item.image)
     except (ValueError, FileNotFoundError) as err:
         return Problem(str(item.image), str(err))
-    image = np.round(rgb_array(img, (size, size)) * 255.0).astype(np.uint8)
+    image = _rgb_uint8(img, size)
     if item.mask is None:
         return _Decoded(image, np.zeros((size, size), np.uint8))
     if not item.mask.is_file():
@@ -212,10 +228,10 @@ def load_test_items(
 ) -> tuple[np.ndarray, np.ndarray, list[TestItem]]:
     """Decode test images and masks -> ((N,S,S,3) uint8 images, (N,S,S) uint8 {0,1} masks, the items kept)."""
     report = report if report is not None else InputReport()
-    results = _parallel(lambda it: _decode_item(it, size), list(items), "decode test", progress)
-    problems = [r for r in results if isinstance(r, Problem)]
-    _finish(problems, skip_bad, report, "test files")
-    kept = [(it, r) for it, r in zip(items, results) if isinstance(r, _Decoded)]
+    kept = _decode_all(
+        lambda it: _decode_item(it, size), items, what="test files", desc="decode test", skip_bad=skip_bad,
+        report=report, progress=progress,
+    )
     report.resized_masks += [r.resized_mask for _, r in kept if r.resized_mask is not None]
     if not kept:
         return np.zeros((0, size, size, 3), np.uint8), np.zeros((0, size, size), np.uint8), []

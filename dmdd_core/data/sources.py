@@ -124,12 +124,17 @@ class MVTecLayout(DataSource):
             raise _no_images_error(folder, "training images")
         return files
 
-    def find_mask(self, gt_dir: Path, stem: str) -> Path | None:
-        """``gt_dir/<stem><mask_suffix>.<ext>`` for any image extension; an error if several exist."""
-        if not gt_dir.is_dir():
-            return None
-        name = stem + self.mask_suffix
-        found = [p for p in gt_dir.iterdir() if p.stem == name and is_image_file(p)]
+    def _masks_by_name(self, gt_dir: Path) -> dict[str, list[Path]]:
+        """The mask files of ``gt_dir`` by file name without extension, listed once per folder."""
+        masks: dict[str, list[Path]] = {}
+        for p in image_files(gt_dir) if gt_dir.is_dir() else []:
+            masks.setdefault(p.stem, []).append(p)
+        return masks
+
+    def find_mask(self, gt_dir: Path, stem: str, masks: dict[str, list[Path]] | None = None) -> Path | None:
+        """``gt_dir/<stem><mask_suffix>.<ext>`` for any image extension; an error if several exist. ``masks`` is
+        ``gt_dir``'s listing when the caller already has it."""
+        found = (masks if masks is not None else self._masks_by_name(gt_dir)).get(stem + self.mask_suffix, [])
         if len(found) > 1:
             raise ValueError(f"several masks for {stem} in {gt_dir}: {sorted(p.name for p in found)}; keep one")
         return found[0] if found else None
@@ -143,12 +148,13 @@ class MVTecLayout(DataSource):
             raise FileNotFoundError(f"no test folder {test_dir} (expected test/good and test/<defect_type>)")
         items: list[TestItem] = []
         for type_dir in sorted(p for p in test_dir.iterdir() if p.is_dir()):
+            gt_dir = folder / "ground_truth" / type_dir.name
+            masks = self._masks_by_name(gt_dir) if type_dir.name != GOOD else {}
             for image_path in image_files(type_dir):
                 if type_dir.name == GOOD:
                     items.append(TestItem(image_path, None, GOOD))
                     continue
-                gt_dir = folder / "ground_truth" / type_dir.name
-                mask = self.find_mask(gt_dir, image_path.stem)
+                mask = self.find_mask(gt_dir, image_path.stem, masks)
                 # A missing mask is reported when the item is loaded (at the path it was expected at), so that
                 # --skip-bad can leave the image out and count it like any other bad file.
                 expected = mask if mask is not None else gt_dir / f"{image_path.stem}{self.mask_suffix}.png"
