@@ -83,8 +83,11 @@ DATASETS: dict[str, DatasetInfo] = {
 }
 """Known datasets by name. A folder of one's own is read with the ``folder`` layout (no entry needed)."""
 
-DATASET_KINDS: tuple[str, ...] = ("auto", "mvtec", "mpdd", "visa", "builtin", "folder")
-"""Values of ``--dataset``: a known dataset, ``folder`` for one category of your own, or ``auto`` (detect)."""
+DATASET_ALIASES: dict[str, str] = {"mvtec_ad": "mvtec", "mvtec-ad": "mvtec"}
+"""Other names accepted for a known dataset."""
+DATASET_KINDS: tuple[str, ...] = ("auto", "mvtec", "mpdd", "visa", "builtin", "folder", *DATASET_ALIASES)
+"""Values of ``--dataset``: a known dataset (or an alias), ``folder`` for one category of your own, or ``auto``
+(detect)."""
 
 ROTATION_POLICY: dict[str, Policy] = {k: v for info in DATASETS.values() for k, v in info.rotation.items()}
 """Category -> policy over every known dataset (category names do not collide across them)."""

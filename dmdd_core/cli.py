@@ -30,6 +30,7 @@ Start here:
   dmdd train --data DIR --category C   train on your data (MVTec AD, MPDD, VisA, or a folder: see below)
   dmdd evaluate --checkpoint runs/C    image and pixel AUROC on DIR/C/test
   dmdd predict --checkpoint runs/C --input FOLDER --out preds   anomaly maps of any images
+  dmdd benchmark --data DIR --preset paper --seeds 0 1 2    every category, resumable; tables beside the paper
   dmdd download mvtec                  fetch MVTec AD (also visa, dtd), then --data ~/.cache/dmdd/mvtec_anomaly_detection
 
 Datasets: --dataset auto detects MVTec AD / MPDD (ROOT/<category>/train/good ...), VisA (ROOT/split_csv/1cls.csv)
@@ -140,6 +141,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--categories", nargs="+", help="categories (default: all)")
     p.add_argument("--out", default="runs/quickstart", help="output folder (default runs/quickstart)")
     p.add_argument("--no-resume", dest="resume", action="store_false", help="train again even where --out holds finished runs")
+    p = sub.add_parser("benchmark", help="train and evaluate every category (several seeds), resumable, sharded over torchrun ranks; tables beside the published numbers")
+    _add_common(p)
+    p.add_argument("--categories", nargs="+", help="categories (default: all)")
+    p.add_argument("--seeds", type=int, nargs="+", default=[0], help="seeds: each category is trained once per seed, tables give mean ± std (default: 0)")
+    p.add_argument("--out", help="output folder (default runs/benchmark/<dataset>_<preset>)")
+    p.add_argument("--resolution", default="input", choices=("input", "original"), help="compute the metrics at the model's input size (default) or at each test image's original size, as MVTec AD's own evaluation does")
+    p.add_argument("--no-pro-variants", dest="pro_variants", action="store_false", help="skip the per-image and 200-threshold PRO variants (the reference AUPRO is always computed)")
+    p.add_argument("--no-resume", dest="resume", action="store_false", help="train and evaluate everything again, even tasks finished before")
+    p.add_argument("--merge-only", dest="merge_only", action="store_true", help="only gather the finished tasks under --out into the tables (marked incomplete if some are missing)")
+
     p = sub.add_parser("download", help="download and extract MVTec AD, VisA or DTD (needs internet; resumable, checksum-verified)")
     p.add_argument("dataset", choices=sorted(DOWNLOADABLE), help="mvtec, visa, dtd (textures for the synthesis), or mpdd (prints how to get it by hand)")
     p.add_argument("--root", help="folder to put it in (default: $DMDD_DATA or ~/.cache/dmdd)")
@@ -236,7 +247,28 @@ def cmd_quickstart(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_benchmark(args: argparse.Namespace) -> int:
+    import signal
+
+    from .benchmark import merge, run_benchmark
+
+    if args.merge_only:
+        if not args.out:
+            raise SystemExit("error: --merge-only needs --out, the benchmark folder")
+        merge(Path(args.out))
+        return 0
+    cfg = _config(args)
+    source = _source(args)
+    out = Path(args.out or f"runs/benchmark/{source.kind}_{cfg.preset_name}")
+    # A scheduler's or torchrun's SIGTERM stops like Ctrl-C: the checkpoint is saved and a rerun resumes.
+    signal.signal(signal.SIGTERM, signal.default_int_handler)
+    run_benchmark(cfg, source, out, categories=args.categories, seeds=args.seeds, resolution=args.resolution,
+                  pro_variants=args.pro_variants, resume=args.resume, skip_bad=args.skip_bad)
+    return 0
+
+
 COMMANDS = {
+    "benchmark": cmd_benchmark,
     "train": cmd_train,
     "evaluate": cmd_evaluate,
     "predict": cmd_predict,

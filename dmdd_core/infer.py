@@ -2,6 +2,11 @@
 
 The anomaly map is the segmentation output (stride 4) bilinearly upsampled to the input size, the image score
 the mean of its top-k pixels. [DeSTSeg]
+
+Metrics are computed at the model's input resolution by default: maps and masks at S x S. On request
+(``resolution="original"``) they are computed as MVTec AD's official evaluation does, at each test image's own
+size: the S x S map upsampled bilinearly to it, the ground-truth mask read at its size, never resized. Every
+:class:`Evaluation` says which.
 """
 
 from __future__ import annotations
@@ -10,6 +15,8 @@ import csv
 import os
 import sys
 import warnings
+from collections import Counter
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -28,14 +35,46 @@ from .data import (
     InputReport,
     LabelledDataset,
     TestDataset,
+    TestItem,
     ValidationDataset,
     as_source,
     default_textures,
     images_to_tensor,
 )
-from .imageio import IMAGE_EXTENSIONS, open_image, rgb_array
-from .metrics import aupro, image_auroc, pixel_ap, pixel_auroc
+from .data.loading import _parallel
+from .imageio import IMAGE_EXTENSIONS, binary_mask_array, open_image, rgb_array
+from .metrics import (
+    ImageSet,
+    aupro,
+    aupro_linear_thresholds,
+    aupro_per_image,
+    f1_max_threshold,
+    image_auroc,
+    pixel_ap,
+    pixel_auroc,
+    pixel_f1_max,
+)
 from .model import DMDD
+
+RESOLUTIONS = ("input", "original")
+"""Where :func:`evaluate` computes the pixel metrics: at the model's input size, or at each test image's own."""
+
+METRIC_KEYS: dict[str, str] = {
+    "image_auroc": "image AUROC: image scores against image labels",
+    "image_f1_max": "image F1-max: best F1 of the image scores over every threshold on this split (a figure to "
+    "report; the thresholds applied to new images come from the validation split)",
+    "pixel_auroc": "pixel AUROC: every pixel of every image, good images included",
+    "pixel_ap": "pixel AP: average precision over every pixel of every image",
+    "pixel_f1_max": "pixel F1-max: best F1 over every threshold, every pixel of every image pooled",
+    "aupro": "AUPRO, the reference (MVTec AD): dataset-level exact PRO curve, 8-connected regions, FPR over all "
+    "anomaly-free pixels (good images included), integrated to FPR 0.3, area / 0.3",
+    "aupro_per_image": "variant, not the reference: AUPRO of each defective image alone, averaged over them "
+    "(ignores false positives on good images)",
+    "aupro_linear_200": "variant, not the reference: PRO at 200 linearly spaced thresholds, FPRs rescaled by the "
+    "largest one kept under 0.3",
+}
+"""What each key of :attr:`Evaluation.metrics` (and ``baseline``) means; the two ``aupro_*`` keys are absent
+when :func:`evaluate` is called with ``pro_variants=False``."""
 
 
 @dataclass
@@ -107,6 +146,23 @@ class Evaluation:
     input_report: InputReport = field(default_factory=InputReport)
     """Files skipped (``skip_bad``) or masks resized while loading the split and the baseline's images."""
     predictions: Predictions | None = field(default=None, repr=False)
+    metric_resolution: str = "input"
+    """Where the pixel metrics were computed: "input" (every map and mask at the model's input size,
+    ``resolution``) or "original" (each test image at its own size, as MVTec AD's official evaluation)."""
+    metric_sizes: dict[str, int] = field(default_factory=dict)
+    """The sizes the pixel metrics were computed at, "WxH" -> number of images."""
+
+    @property
+    def metric_resolution_text(self) -> str:
+        """In words, e.g. "the model's input, 128x128", "each image's original size (all 1024x1024)" or "each
+        image's original size (2 sizes: 80 at 1024x1024, 20 at 900x900)"; the most frequent sizes first."""
+        if self.metric_resolution == "input":
+            return f"the model's input, {self.resolution}x{self.resolution}"
+        found = sorted(self.metric_sizes.items(), key=lambda kv: (-kv[1], kv[0]))
+        if len(found) <= 1:
+            return "each image's original size" + (f" (all {found[0][0]})" if found else "")
+        listed = ", ".join(f"{n} at {size}" for size, n in found[:4]) + (", ..." if len(found) > 4 else "")
+        return f"each image's original size ({len(found)} sizes: {listed})"
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -116,9 +172,12 @@ class Evaluation:
             "resolution": self.resolution,
             "seed": self.seed,
             "checkpoint_rule": self.checkpoint_rule,
-            "metric_resolution": f"the model's input, {self.resolution}x{self.resolution}",
+            "metric_resolution": self.metric_resolution_text,
+            "metric_resolution_setting": self.metric_resolution,
+            "metric_sizes": self.metric_sizes,
             "aupro_definition": "reference: dataset-level, 8-connected regions, FPR over all anomaly-free pixels "
             "(good images included), exact curve, limit 0.3, area / 0.3",
+            "metric_keys": {k: v for k, v in METRIC_KEYS.items() if k in self.metrics},
             "num_images": self.num_images,
             "num_defective": self.num_defective,
             "dmdd": self.metrics,
@@ -132,20 +191,72 @@ class Evaluation:
             f"{self.category}: image AUROC {m['image_auroc']:.3f} (baseline {b['image_auroc']:.3f}), "
             f"pixel AUROC {m['pixel_auroc']:.3f} (baseline {b['pixel_auroc']:.3f}), "
             f"AUPRO {m['aupro']:.3f} (baseline {b['aupro']:.3f}) "
-            f"[{self.split} split, {self.num_images} images, {self.resolution}x{self.resolution}, seed {self.seed}"
+            f"[{self.split} split, {self.num_images} images, "
+            + (f"{self.resolution}x{self.resolution}" if self.metric_resolution == "input"
+               else f"input {self.resolution}x{self.resolution}, metrics at {self.metric_resolution_text}")
+            + f", seed {self.seed}"
             + (f"; {self.input_report.summary()}" if self.input_report.summary() else "")
             + "]"
         )
 
 
-def _metrics(labels: np.ndarray, scores: np.ndarray, masks: np.ndarray, maps: np.ndarray) -> dict[str, float]:
-    """Image AUROC, pixel AUROC, pixel AP and the reference AUPRO (FPR limit 0.3), at the maps' resolution."""
-    return {
+def _metrics(labels: np.ndarray, scores: np.ndarray, masks: ImageSet, maps: ImageSet,
+             pro_variants: bool = True) -> dict[str, float]:
+    """The metrics of :data:`METRIC_KEYS` at the maps' resolution: (N,H,W) arrays, or lists of 2-D arrays of
+    each image's size. ``pro_variants=False`` leaves out the two AUPRO variants."""
+    metrics = {
         "image_auroc": image_auroc(labels, scores),
+        "image_f1_max": f1_max_threshold(labels, scores)[0],
         "pixel_auroc": pixel_auroc(masks, maps),
         "pixel_ap": pixel_ap(masks, maps),
+        "pixel_f1_max": pixel_f1_max(masks, maps),
         "aupro": aupro(masks, maps),
     }
+    if pro_variants:
+        metrics["aupro_per_image"] = aupro_per_image(masks, maps)
+        metrics["aupro_linear_200"] = aupro_linear_thresholds(masks, maps, num_thresholds=200)
+    return metrics
+
+
+def _resize_map(anomaly_map: Tensor, size: tuple[int, int]) -> np.ndarray:
+    """One (S,S) map -> (H,W) float32, bilinear, ``align_corners=False`` (the model's own upsampling)."""
+    resized = F.interpolate(anomaly_map[None, None].float(), size=size, mode="bilinear", align_corners=False)
+    return resized[0, 0].numpy()
+
+
+def upsample_maps(maps: np.ndarray, sizes: Sequence[tuple[int, int]]) -> list[np.ndarray]:
+    """(N,S,S) maps -> N float32 maps, map i resized bilinearly to ``sizes[i]`` = (H, W), as
+    :func:`predict_folder` resizes a map to its image."""
+    if len(maps) != len(sizes):
+        raise ValueError(f"{len(maps)} maps but {len(sizes)} sizes")
+    return [_resize_map(torch.from_numpy(np.asarray(m, dtype=np.float32)), (int(h), int(w)))
+            for m, (h, w) in zip(maps, sizes)]
+
+
+def _original_mask(item: TestItem) -> np.ndarray:
+    """A test item's ground truth at its original size, (H,W) uint8 {0,1}: its mask decoded and binarised, or
+    for a good image zeros of the image's size (read from the file's header, the image is not decoded)."""
+    if item.mask is None:
+        from PIL import Image
+
+        with Image.open(item.image) as img:
+            width, height = img.size
+        return np.zeros((height, width), dtype=np.uint8)
+    return binary_mask_array(open_image(item.mask)).astype(np.uint8)
+
+
+def original_masks(items: Sequence[TestItem], progress: bool | None = None) -> list[np.ndarray]:
+    """The ground truth of each test item at its original size (see :func:`_original_mask`), read in a thread
+    pool, in order."""
+    return _parallel(_original_mask, list(items), "read masks", progress)
+
+
+def original_size_metrics(labels: np.ndarray, scores: np.ndarray, maps: np.ndarray, masks: Sequence[np.ndarray],
+                          *, pro_variants: bool = True) -> dict[str, float]:
+    """The metrics of :data:`METRIC_KEYS` at each image's original size: map i of ``maps`` (N,S,S) upsampled
+    bilinearly (:func:`upsample_maps`) to the shape of its ground truth ``masks[i]`` (2-D, sizes free to
+    differ). The upsampled maps live only during the call."""
+    return _metrics(labels, scores, masks, upsample_maps(maps, [m.shape for m in masks]), pro_variants)
 
 
 def evaluate(
@@ -157,18 +268,32 @@ def evaluate(
     batch_size: int = 16,
     skip_bad: bool = False,
     progress: bool | None = None,
+    resolution: str = "input",
+    pro_variants: bool = True,
 ) -> Evaluation:
-    """Image and pixel AUROC of the model on one split of ``data`` (a dataset root of any layout, or a source)
-    at the model's input resolution, beside the naive baseline fitted on the same training share.
+    """The metrics of :data:`METRIC_KEYS` for the model on one split of ``data`` (a dataset root of any layout,
+    or a source), beside the naive baseline fitted on the same training share.
 
     ``split`` is "test" (the dataset's labelled test images) or "val" (the held-out share of the training
-    images with synthetic anomalies, as chosen by the model's config). ``skip_bad`` leaves unreadable files out
-    and counts them in the report instead of stopping.
+    images with synthetic anomalies, as chosen by the model's config). ``resolution`` is "input" (maps and
+    masks at the model's input size S x S) or "original" (test split only: each S x S map, the model's and the
+    baseline's, upsampled bilinearly to its image's own size and compared with the mask read at that size,
+    never resized, as MVTec AD's official evaluation does; a mask of another size than its image, accepted when
+    their aspect ratios match and listed in the input report, sets the size). ``pro_variants=False`` skips the
+    two AUPRO variants. ``skip_bad`` leaves unreadable files out and counts them in the report instead of
+    stopping. The returned :attr:`Evaluation.predictions` hold the S x S maps in both cases.
     """
     if split not in ("test", "val"):
         raise ValueError(f"split must be 'test' or 'val', got {split!r}")
+    if resolution not in RESOLUTIONS:
+        raise ValueError(f"resolution must be one of {', '.join(map(repr, RESOLUTIONS))}, got {resolution!r}")
     cfg = model.cfg
     size = cfg.image_size
+    if split == "val" and resolution == "original":
+        raise ValueError(
+            f"resolution='original' needs split='test': the validation images are synthesised at the model's "
+            f"input size ({size}x{size}) and have no other size; use resolution='input' for the validation split"
+        )
     source = as_source(data)
     category_data = CategoryData.from_config(source, category, cfg, skip_bad=skip_bad, progress=progress)
     report = InputReport().extend(category_data.report)
@@ -180,15 +305,28 @@ def evaluate(
     preds = predict_dataset(model, dataset, batch_size, progress)
     baseline = MeanImageBaseline(top_k=cfg.top_k).fit(images_to_tensor(category_data.train_images))
     base_maps, base_scores = baseline.predict(dataset.image_tensor())
+    if resolution == "input":
+        metrics = _metrics(preds.labels, preds.scores, preds.masks, preds.maps, pro_variants)
+        base = _metrics(preds.labels, base_scores, preds.masks, base_maps, pro_variants)
+        sizes = {f"{size}x{size}": len(dataset)}
+    else:
+        assert isinstance(dataset, TestDataset)
+        masks = original_masks(dataset.items, progress)
+        # One model's upsampled maps at a time: the masks are the only original-size arrays kept throughout.
+        metrics = original_size_metrics(preds.labels, preds.scores, preds.maps, masks, pro_variants=pro_variants)
+        base = original_size_metrics(preds.labels, base_scores, base_maps, masks, pro_variants=pro_variants)
+        sizes = dict(Counter(f"{m.shape[1]}x{m.shape[0]}" for m in masks))
     return Evaluation(
         category=category,
-        metrics=_metrics(preds.labels, preds.scores, preds.masks, preds.maps),
-        baseline=_metrics(preds.labels, base_scores, preds.masks, base_maps),
+        metrics=metrics,
+        baseline=base,
         resolution=size,
         seed=cfg.seed,
         num_images=len(dataset),
         num_defective=int(preds.labels.sum()),
         split=split,
+        metric_resolution=resolution,
+        metric_sizes=sizes,
         data=source.describe(),
         input_report=report,
         predictions=preds,
@@ -267,7 +405,7 @@ def predict_folder(
         maps, scores = predict_batch(model, inputs)
         for path, image, m, s in zip(chunk, images, maps.float().cpu(), scores.float().cpu()):
             h, w = image.shape[:2]
-            full = F.interpolate(m[None, None], size=(h, w), mode="bilinear", align_corners=False)[0, 0].numpy()
+            full = _resize_map(m, (h, w))
             rel = path.relative_to(root).with_suffix("")
             for kind in ("maps", "overlays", "masks") if thresholds else ("maps", "overlays"):
                 (out / kind / rel).parent.mkdir(parents=True, exist_ok=True)

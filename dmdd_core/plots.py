@@ -53,8 +53,12 @@ def anomaly_examples(
     maps: Sequence[np.ndarray],
     titles: Sequence[str],
     extra: dict[str, Sequence[np.ndarray]] | None = None,
+    threshold: float | None = None,
+    threshold_label: str = "",
 ) -> plt.Figure:
-    """One column per example; rows: image, ground truth, anomaly map (fixed 0..1 scale), then any extra maps."""
+    """One column per example; rows: image, ground truth, anomaly map (fixed 0..1 scale), then any extra maps,
+    and with ``threshold`` the predicted mask ``map >= threshold`` (named by ``threshold_label``, e.g. where the
+    threshold was chosen)."""
     extra = extra or {}
     rows: list[tuple[str, Sequence[np.ndarray], dict[str, Any]]] = [
         ("image", images, {}),
@@ -62,11 +66,41 @@ def anomaly_examples(
         ("anomaly map", maps, {"cmap": "jet", "vmin": 0, "vmax": 1}),
     ]
     rows += [(name, values, {"cmap": "jet"}) for name, values in extra.items()]
+    if threshold is not None:
+        name = f"map >= {threshold:.2f}" + (f"\n{threshold_label}" if threshold_label else "")
+        rows.append((name, [np.asarray(m) >= threshold for m in maps], {"vmin": 0, "vmax": 1}))
     fig, axes = figure(len(rows), len(images), size=(1.9 * len(images), 1.9 * len(rows)))
     for r, (name, values, kwargs) in enumerate(rows):
         for c, value in enumerate(values):
             show_image(axes[r, c], value, titles[c] if r == 0 else "", **kwargs)
         axes[r, 0].set_ylabel(name)
+    fig.tight_layout()
+    return fig
+
+
+def curve_panels(
+    panels: Sequence[tuple[str, str, str, dict[str, Any]]],
+    *,
+    diagonal: Sequence[bool] = (),
+    xlim: Sequence[float | None] = (),
+) -> plt.Figure:
+    """Curves side by side, one panel per ``(title, x label, y label, {legend: (x values, y values)})``: ROC curves (with the
+    chance ``diagonal``), PRO curves (``xlim`` 0.3)... Legends carry whatever the caller puts in the keys, e.g.
+    the area."""
+    fig, axes = figure(1, len(panels), size=(4.2 * len(panels), 3.8))
+    for i, (title, xlabel, ylabel, curves) in enumerate(panels):
+        ax = axes[0, i]
+        for label, (x, y) in curves.items():
+            ax.plot(x, y, lw=1.2, label=label)
+        if i < len(diagonal) and diagonal[i]:
+            ax.plot([0, 1], [0, 1], color="0.6", lw=0.8, ls="--")
+        limit = xlim[i] if i < len(xlim) else None
+        ax.set_xlim(0, limit if limit is not None else 1)
+        ax.set_ylim(0, 1.01)
+        ax.set_title(title)
+        ax.set_xlabel(xlabel)
+        ax.set_ylabel(ylabel)
+        ax.legend(frameon=False, fontsize=7, loc="lower right")
     fig.tight_layout()
     return fig
 

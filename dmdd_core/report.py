@@ -40,8 +40,11 @@ def markdown_table(evaluations: list[Evaluation], validation: list[dict[str, flo
     return "\n".join(lines)
 
 
-def example_figure(ev: Evaluation, per_kind: int = 2):
-    """The highest-scored defective and good test images, and the lowest-scored defective ones."""
+def example_figure(ev: Evaluation, per_kind: int = 2, pixel_threshold: float | None = None):
+    """Best and worst examples of one evaluation, ``per_kind`` of each, as columns: the highest-scored defective
+    images (best found), the lowest-scored defective ones (worst missed) and the highest-scored good ones (worst
+    false alarms). With ``pixel_threshold`` (chosen on the validation split) a last row shows the predicted
+    mask."""
     preds = ev.predictions
     if preds is None:
         raise ValueError("the evaluation holds no predictions")
@@ -49,13 +52,16 @@ def example_figure(ev: Evaluation, per_kind: int = 2):
 
     defective = np.flatnonzero(preds.labels == 1)
     good = np.flatnonzero(preds.labels == 0)
-    order_def = defective[np.argsort(-preds.scores[defective])]
-    order_good = good[np.argsort(-preds.scores[good])]
-    picks = list(order_def[:per_kind]) + list(order_def[-per_kind:]) + list(order_good[:per_kind])
+    order_def = defective[np.argsort(-preds.scores[defective], kind="stable")]
+    order_good = good[np.argsort(-preds.scores[good], kind="stable")]
+    picks = [("best", i) for i in order_def[:per_kind]] + [("worst", i) for i in order_def[::-1][:per_kind]]
+    picks += [("worst", i) for i in order_good[:per_kind]]
     size = preds.maps.shape[-1]
-    images = [load_image(preds.paths[i], size).permute(1, 2, 0).numpy() for i in picks]
-    titles = [f"{preds.defect_types[i]} score {preds.scores[i]:.2f}" for i in picks]
-    return anomaly_examples(images, [preds.masks[i] for i in picks], [preds.maps[i] for i in picks], titles)
+    images = [load_image(preds.paths[i], size).permute(1, 2, 0).numpy() for _, i in picks]
+    titles = [f"{kind}: {preds.defect_types[i]}\nscore {preds.scores[i]:.2f}" for kind, i in picks]
+    masks = [preds.masks[i] for _, i in picks]
+    maps = [preds.maps[i] for _, i in picks]
+    return anomaly_examples(images, masks, maps, titles, threshold=pixel_threshold, threshold_label="(val F1-max)")
 
 
 def quickstart(
@@ -84,7 +90,9 @@ def quickstart(
         timings[category] = round(time.perf_counter() - started, 1)
         print(ev.summary(), f"({timings[category]:.0f} s)", flush=True)
         evaluations.append(ev)
-        for name, fig in (("losses", loss_curves(result.log, category)), ("examples", example_figure(ev))):
+        threshold = result.validation.get("thresholds", {}).get("pixel")
+        figures = (("losses", loss_curves(result.log, category)), ("examples", example_figure(ev, pixel_threshold=threshold)))
+        for name, fig in figures:
             save_figure(fig, f"quickstart_{category}_{name}", out / "figures")
             plt.close(fig)
     table = markdown_table(evaluations, validation if any(validation) else None)

@@ -18,7 +18,7 @@ from PIL import Image
 from dmdd_core.cli import main
 from dmdd_core.config import DMDDConfig
 from dmdd_core.data import load_image
-from dmdd_core.infer import evaluate, predict_folder
+from dmdd_core.infer import METRIC_KEYS, evaluate, predict_folder
 from dmdd_core.metrics import image_auroc, pixel_auroc
 from dmdd_core.train import TrainResult, load_checkpoint, train
 
@@ -136,7 +136,7 @@ def test_predict_folder_errors_name_the_folder(smoke_run: TrainResult, tmp_path:
 def test_evaluate_reports_metrics_with_their_setting(smoke_run: TrainResult, builtin_root: Path) -> None:
     result = evaluate(smoke_run.model, builtin_root, CATEGORY, batch_size=32, progress=False)
     for metrics in (result.metrics, result.baseline):
-        assert set(metrics) == {"image_auroc", "pixel_auroc", "pixel_ap", "aupro"}
+        assert set(metrics) == set(METRIC_KEYS)
         assert all(0.0 <= v <= 1.0 for v in metrics.values())
     assert result.resolution == smoke_run.model.cfg.image_size == 64
     assert result.seed == smoke_run.model.cfg.seed
@@ -280,7 +280,7 @@ def test_cli_quickstart_writes_results_for_every_category(builtin_root: Path, tm
     assert [r["category"] for r in results["results"]] == ["brick", "grass"]
     for r in results["results"]:
         for who in ("dmdd", "naive_baseline"):
-            assert set(r[who]) == {"image_auroc", "pixel_auroc", "pixel_ap", "aupro"}
+            assert set(r[who]) == set(METRIC_KEYS)
             assert all(0.0 <= v <= 1.0 for v in r[who].values())
         assert r["resolution"] == 64 and r["seed"] == 0 and r["split"] == "test"
         assert (out / r["category"] / "checkpoint.pt").is_file()

@@ -31,7 +31,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import NamedTuple
 
-from dmdd_core.catalog import DATASET_KINDS, DATASETS
+from dmdd_core.catalog import DATASET_ALIASES, DATASET_KINDS, DATASETS
 from dmdd_core.imageio import IMAGE_EXTENSIONS, is_image_file
 
 GOOD = "good"
@@ -272,6 +272,7 @@ def open_source(
         )
     if kind not in DATASET_KINDS:
         raise ValueError(f"unknown dataset kind {kind!r}; choose one of {', '.join(DATASET_KINDS)}")
+    kind = DATASET_ALIASES.get(kind, kind)
     if kind == "auto":
         kind = detect_kind(base)
     if kind == "visa":
