@@ -126,6 +126,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_data_options(p)
     p.add_argument("--category", help="category (default: the one the model was trained on)")
     p.add_argument("--split", default="test", choices=("test", "val"), help="test: the dataset's labelled test images (default); val: the held-out training images with synthetic anomalies")
+    p.add_argument("--resolution", default="input", choices=("input", "original"), help="compute the metrics at the model's input size (default) or at each test image's original size, as MVTec AD's own evaluation does")
     p.add_argument("--device", default="auto")
     p.add_argument("--json", help="also write the metrics to this JSON file")
 
@@ -217,7 +218,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 
         source = source_from_description(state.get("data") or {"root": state["data_root"]})
     category = args.category or state["category"]
-    result = evaluate(model, source, category, split=args.split, skip_bad=args.skip_bad)
+    result = evaluate(model, source, category, split=args.split, skip_bad=args.skip_bad, resolution=args.resolution)
     print(result.summary())
     if args.json:
         Path(args.json).write_text(json.dumps(result.to_dict(), indent=2))

@@ -50,9 +50,7 @@ from .metrics import (
     aupro_per_image,
     f1_max_threshold,
     image_auroc,
-    pixel_ap,
-    pixel_auroc,
-    pixel_f1_max,
+    pixel_metrics,
 )
 from .model import DMDD
 
@@ -107,7 +105,9 @@ def predict_dataset(model: DMDD, dataset: LabelledDataset, batch_size: int = 16,
     from tqdm.auto import tqdm
 
     maps, scores, masks, labels, paths, types = [], [], [], [], [], []
-    loader = DataLoader(dataset, batch_size=batch_size, shuffle=False)
+    # An explicit generator: the loader then draws nothing from the global random state, so checking the
+    # validation split during training never changes the training's random stream (nor its result).
+    loader = DataLoader(dataset, batch_size=batch_size, shuffle=False, generator=torch.Generator())
     for batch in tqdm(loader, desc="predict", disable=progress_disabled(progress), file=sys.stderr):
         m, s = predict_batch(model, batch.image)
         maps.append(m.float().cpu().numpy())
@@ -207,9 +207,7 @@ def _metrics(labels: np.ndarray, scores: np.ndarray, masks: ImageSet, maps: Imag
     metrics = {
         "image_auroc": image_auroc(labels, scores),
         "image_f1_max": f1_max_threshold(labels, scores)[0],
-        "pixel_auroc": pixel_auroc(masks, maps),
-        "pixel_ap": pixel_ap(masks, maps),
-        "pixel_f1_max": pixel_f1_max(masks, maps),
+        **pixel_metrics(masks, maps),
         "aupro": aupro(masks, maps),
     }
     if pro_variants:

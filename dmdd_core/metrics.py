@@ -17,7 +17,6 @@ from typing import TypeAlias
 
 import numpy as np
 from scipy import ndimage
-from sklearn.metrics import average_precision_score, precision_recall_curve, roc_auc_score
 
 ImageSet: TypeAlias = "np.ndarray | Sequence[np.ndarray]"
 """A test set's masks or maps: one (N,H,W) array, or a sequence of N 2-D arrays (sizes may differ)."""
@@ -50,15 +49,10 @@ def _flat(images: ImageSet) -> np.ndarray:
 
 
 def _auroc(target: np.ndarray, score: np.ndarray, what: str) -> float:
-    target = np.asarray(target).ravel().astype(bool)
-    score = np.asarray(score, dtype=np.float64).ravel()
-    if target.shape != score.shape:
-        raise ValueError(f"{what}: {target.size} targets but {score.size} scores")
-    if target.all() or not target.any():
-        raise ValueError(f"{what} needs both normal and anomalous examples; got only {'anomalous' if target.any() else 'normal'} ones")
-    if not np.isfinite(score).all():
-        raise ValueError(f"{what}: the scores contain NaN or infinity")
-    return float(roc_auc_score(target, score))
+    tps, fps, _, positives, negatives = _ranked_counts(target, score, what)
+    if not positives or not negatives:
+        raise ValueError(f"{what} needs both normal and anomalous examples; got only {'anomalous' if positives else 'normal'} ones")
+    return _roc_area(tps, fps, positives, negatives)
 
 
 def image_auroc(labels: np.ndarray, scores: np.ndarray) -> float:
@@ -72,19 +66,76 @@ def pixel_auroc(masks: ImageSet, maps: ImageSet) -> float:
     return _auroc(_flat(masks), _flat(maps), "pixel AUROC")
 
 
+def _ranked_counts(target: np.ndarray, score: np.ndarray, what: str) -> tuple[np.ndarray, np.ndarray, np.ndarray, int, int]:
+    """The confusion counts at every distinct score, from one sort: (true positives, false positives, the
+    scores as thresholds), highest score first, ties merged (a threshold t calls ``score >= t`` anomalous);
+    and the numbers of positives and negatives. Every pixel-level ROC, precision and recall figure derives from
+    these, so one test set is sorted once for all of them."""
+    target = np.asarray(target).ravel().astype(bool)
+    score = np.asarray(score).ravel()
+    if score.dtype not in (np.float32, np.float64):
+        score = score.astype(np.float64)
+    if target.shape != score.shape:
+        raise ValueError(f"{what}: {target.size} targets but {score.size} scores")
+    if not np.isfinite(score).all():
+        raise ValueError(f"{what}: the scores contain NaN or infinity")
+    positives = int(target.sum())
+    order = np.argsort(score)[::-1]
+    ranked = score[order]
+    hits = np.cumsum(target[order], dtype=np.int64)
+    del order
+    ends = np.append(np.flatnonzero(ranked[1:] != ranked[:-1]), ranked.size - 1)
+    tps = hits[ends]
+    return tps, ends + 1 - tps, ranked[ends], positives, target.size - positives
+
+
+def _roc_area(tps: np.ndarray, fps: np.ndarray, positives: int, negatives: int) -> float:
+    """Trapezoidal area under the ROC curve through every distinct threshold, from (0, 0)."""
+    tpr = np.concatenate([[0.0], tps / positives])
+    fpr = np.concatenate([[0.0], fps / negatives])
+    return float(np.trapezoid(tpr, fpr))
+
+
+def _average_precision(tps: np.ndarray, fps: np.ndarray, positives: int) -> float:
+    """Sum over thresholds of (recall gained) x precision: the step-wise AP, without interpolation."""
+    precision = tps / (tps + fps)
+    gained = np.diff(np.concatenate([[0], tps])) / positives
+    return float(np.sum(gained * precision))
+
+
+def _f1(tps: np.ndarray, fps: np.ndarray, positives: int) -> np.ndarray:
+    """F1 at every threshold: 2 TP / (2 TP + FP + FN) = 2 TP / (TP + FP + P)."""
+    return 2 * tps / (tps + fps + positives)
+
+
 def f1_max_threshold(target: np.ndarray, score: np.ndarray) -> tuple[float, float]:
     """(best F1, the threshold reaching it) over every threshold on ``score``; ``score >= threshold`` is
     anomalous. Meant for the validation split: a threshold chosen on the test set would flatter its F1."""
-    target = np.asarray(target).ravel().astype(bool)
-    score = np.asarray(score, dtype=np.float64).ravel()
-    if target.shape != score.shape:
-        raise ValueError(f"F1-max: {target.size} targets but {score.size} scores")
-    if not target.any():
+    tps, fps, thresholds, positives, _ = _ranked_counts(target, score, "F1-max")
+    if not positives:
         raise ValueError("F1-max needs anomalous examples; got none")
-    precision, recall, thresholds = precision_recall_curve(target, score)
-    f1 = 2 * precision[:-1] * recall[:-1] / np.maximum(precision[:-1] + recall[:-1], 1e-12)
+    f1 = _f1(tps, fps, positives)
     best = int(np.argmax(f1))
     return float(f1[best]), float(thresholds[best])
+
+
+def pixel_metrics(masks: ImageSet, maps: ImageSet) -> dict[str, float]:
+    """Pixel AUROC, pixel AP and pixel F1-max of a test set from one sort of its pixels ((N,H,W) arrays or
+    lists of 2-D arrays), each equal to :func:`pixel_auroc`, :func:`pixel_ap` and :func:`pixel_f1_max`. At
+    original resolution a category holds some 10^8 pixels: sorting them once instead of three times is most of
+    the evaluation's time."""
+    masks, maps = _image_pairs(masks, maps, "pixel metrics", stacked=False)
+    tps, fps, _, positives, negatives = _ranked_counts(_flat(masks), _flat(maps), "pixel metrics")
+    if not positives or not negatives:
+        raise ValueError(
+            "pixel metrics need both normal and anomalous pixels; got only "
+            f"{'anomalous' if positives else 'normal'} ones"
+        )
+    return {
+        "pixel_auroc": _roc_area(tps, fps, positives, negatives),
+        "pixel_ap": _average_precision(tps, fps, positives),
+        "pixel_f1_max": float(_f1(tps, fps, positives).max()),
+    }
 
 
 def pixel_f1_max(masks: ImageSet, maps: ImageSet) -> float:
@@ -98,10 +149,10 @@ def pixel_ap(masks: ImageSet, maps: ImageSet) -> float:
     """Average precision over all pixels of all test images ((N,H,W) arrays or lists of 2-D arrays), good
     images included."""
     masks, maps = _image_pairs(masks, maps, "pixel AP", stacked=False)
-    target = _flat(masks).astype(bool)
-    if not target.any():
+    tps, fps, _, positives, _ = _ranked_counts(_flat(masks), _flat(maps), "pixel AP")
+    if not positives:
         raise ValueError("pixel AP needs anomalous pixels; the masks are empty")
-    return float(average_precision_score(target, np.asarray(_flat(maps), dtype=np.float64)))
+    return _average_precision(tps, fps, positives)
 
 
 # --- PRO ---------------------------------------------------------------------------------------------------------

@@ -257,7 +257,8 @@ def train(
     checkpoint is chosen by it: the rule is the last step.
     A finished checkpoint in ``out_dir`` is loaded instead of training again; an unfinished one is resumed.
     ``stop_at_step`` ends the run early after that global step (with a checkpoint), as an interruption would.
-    Ctrl-C writes a checkpoint at the last finished step before stopping. ``skip_bad`` leaves unreadable
+    The first Ctrl-C (or SIGTERM) finishes the running step, writes a checkpoint and stops; a second one stops
+    at once, keeping the last checkpoint (:class:`StopRequest`). ``skip_bad`` leaves unreadable
     images out (logged, and counted in ``log.json``) instead of stopping.
     """
     from tqdm.auto import tqdm
@@ -361,39 +362,89 @@ def train(
     autocast = torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=use_cuda and cfg.amp)
     step = start_step
     started = time.perf_counter()
-    try:
-        for batch in loader:
-            batch = TrainPair(*(t.to(device, non_blocking=True) for t in batch))
-            if memory_format is torch.channels_last:
-                batch = TrainPair(*(t.contiguous(memory_format=memory_format) for t in batch))
-            stage = 1 if step < cfg.stage1_steps else 2
-            losses = train_step(model, batch, cfg, stage, opt_student if stage == 1 else opt_seg, autocast)
-            step += 1
-            entry = {"step": step, "stage": stage, **{k: float(v.detach()) for k, v in losses.items()}}
-            entry["seconds"] = round(time.perf_counter() - started, 3)
-            log.append(entry)
-            bar.set_postfix({k: f"{v:.4f}" for k, v in entry.items() if k not in ("step", "stage", "seconds")}, refresh=False)
-            bar.set_description(f"DMDD {category} stage {stage}")
-            bar.update(1)
-            if step % cfg.checkpoint_every == 0 or step == stop or step == cfg.stage1_steps:
-                if val is not None and step > cfg.stage1_steps:
-                    checked = validate(model, val, step)
-                    validation["history"].append(checked)
-                    if step == total:
-                        validation["thresholds"] = {
-                            "image": checked["image_threshold"],
-                            "pixel": checked["pixel_threshold"],
-                            "rule": "F1-max on the validation split at the last step",
-                        }
+    stopped_cleanly = False
+    with StopRequest() as stop_request:
+        try:
+            for batch in loader:
+                batch = TrainPair(*(t.to(device, non_blocking=True) for t in batch))
+                if memory_format is torch.channels_last:
+                    batch = TrainPair(*(t.contiguous(memory_format=memory_format) for t in batch))
+                stage = 1 if step < cfg.stage1_steps else 2
+                losses = train_step(model, batch, cfg, stage, opt_student if stage == 1 else opt_seg, autocast)
+                step += 1
+                entry = {"step": step, "stage": stage, **{k: float(v.detach()) for k, v in losses.items()}}
+                entry["seconds"] = round(time.perf_counter() - started, 3)
+                log.append(entry)
+                bar.set_postfix({k: f"{v:.4f}" for k, v in entry.items() if k not in ("step", "stage", "seconds")}, refresh=False)
+                bar.set_description(f"DMDD {category} stage {stage}")
+                bar.update(1)
+                due = step % cfg.checkpoint_every == 0 or step == stop or step == cfg.stage1_steps
+                if due:
+                    if val is not None and step > cfg.stage1_steps:
+                        checked = validate(model, val, step)
+                        validation["history"].append(checked)
+                        if step == total:
+                            validation["thresholds"] = {
+                                "image": checked["image_threshold"],
+                                "pixel": checked["pixel_threshold"],
+                                "rule": "F1-max on the validation split at the last step",
+                            }
+                    save(step)
+                if stop_request.requested and step < stop:
+                    if not due:
+                        save(step)
+                    stopped_cleanly = True
+                    bar.close()
+                    print(f"\nstopped after step {step}; checkpoint saved to {ckpt_path}; run again to resume", file=sys.stderr)
+                    raise KeyboardInterrupt
+        except KeyboardInterrupt:
+            if stop_request.requested and not stopped_cleanly:
+                # The second signal: the running step may be half done, so the last checkpoint stays as it is.
+                print(f"\nstopped during step {step + 1}; the last checkpoint is kept; run again to resume", file=sys.stderr)
+            elif not stop_request.requested and step > start_step:
+                # Raised by code between steps (or where signals cannot be caught): save what is done.
                 save(step)
-    except KeyboardInterrupt:
-        if step > start_step:
-            save(step)
-            print(f"\ninterrupted at step {step}; checkpoint saved to {ckpt_path}; run again to resume", file=sys.stderr)
-        raise
-    finally:
-        bar.close()
+                print(f"\ninterrupted at step {step}; checkpoint saved to {ckpt_path}; run again to resume", file=sys.stderr)
+            raise
+        finally:
+            bar.close()
     return result()
+
+
+class StopRequest:
+    """While training, the first Ctrl-C (SIGINT) or SIGTERM asks for a stop after the running step, so the
+    checkpoint written then is whole: weights, optimizer and random state of one and the same step, and the
+    resumed run equals an uninterrupted one. A second signal stops at once, keeping the last checkpoint.
+    Outside the main thread signals cannot be caught, and this does nothing."""
+
+    SIGNALS = ("SIGINT", "SIGTERM")
+
+    def __init__(self) -> None:
+        self.requested = False
+        self._previous: dict[int, Any] = {}
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        if self.requested:
+            raise KeyboardInterrupt
+        self.requested = True
+        print("\nstopping after this step (a checkpoint is saved); press Ctrl-C again to stop at once", file=sys.stderr)
+
+    def __enter__(self) -> StopRequest:
+        import signal
+        import threading
+
+        if threading.current_thread() is threading.main_thread():
+            for name in self.SIGNALS:
+                number = getattr(signal, name)
+                self._previous[number] = signal.signal(number, self._handle)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        import signal
+
+        for number, handler in self._previous.items():
+            signal.signal(number, handler)
+        self._previous.clear()
 
 
 def _move_optimizer(optimizer: torch.optim.Optimizer, device: torch.device) -> None:

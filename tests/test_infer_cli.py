@@ -227,6 +227,11 @@ def test_cli_train_evaluate_predict(builtin_root: Path, mixed_folder: dict[str, 
     record = json.loads(metrics_file.read_text())
     assert record["category"] == CATEGORY and record["resolution"] == 64
     assert all(0.0 <= v <= 1.0 for v in record["dmdd"].values())
+    assert record["metric_resolution"] == "the model's input, 64x64"
+    assert main(["evaluate", "--checkpoint", str(run), "--resolution", "original", "--json", str(metrics_file)]) == 0
+    original = json.loads(metrics_file.read_text())
+    assert original["metric_resolution_setting"] == "original" and "64x64" not in original["metric_sizes"]
+    assert original["metric_resolution"].startswith("each image's original size")
 
     predictions = tmp_path / "predictions"
     assert (

@@ -13,10 +13,12 @@ from dmdd_core.metrics import (
     aupro_linear_thresholds,
     aupro_per_image,
     f1_max_threshold,
+    image_auroc,
     label_regions,
     pixel_ap,
     pixel_auroc,
     pixel_f1_max,
+    pixel_metrics,
     pro_curve,
 )
 
@@ -272,3 +274,27 @@ def test_mismatched_images_are_errors_that_say_which() -> None:
         aupro(masks, [*maps[:4], np.full(maps[4].shape, np.nan)])
     with pytest.raises(ValueError, match="masks are empty"):
         aupro([np.zeros((3, 4)), np.zeros((5, 2))], [np.ones((3, 4)), np.ones((5, 2))])
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("levels", [None, 7])
+def test_pixel_metrics_from_one_sort_match_scikit_learn(dtype: type, levels: int | None) -> None:
+    from sklearn.metrics import precision_recall_curve
+
+    rng = np.random.default_rng(3)
+    masks = rng.random((6, 20, 24)) < 0.1
+    maps = (rng.random(masks.shape) + 0.4 * masks).astype(dtype)
+    if levels:  # many tied scores, across both classes
+        maps = (np.round(maps * levels) / levels).astype(dtype)
+    target, pooled = masks.ravel(), maps.ravel()
+    precision, recall, _ = precision_recall_curve(target, pooled)
+    f1 = np.max(2 * precision * recall / np.maximum(precision + recall, 1e-12))
+    together = pixel_metrics(masks, maps)
+    assert together["pixel_auroc"] == pytest.approx(roc_auc_score(target, pooled), abs=1e-12)
+    assert together["pixel_ap"] == pytest.approx(average_precision_score(target, pooled), abs=1e-12)
+    assert together["pixel_f1_max"] == pytest.approx(f1, abs=1e-12)
+    assert together == {"pixel_auroc": pixel_auroc(masks, maps), "pixel_ap": pixel_ap(masks, maps),
+                        "pixel_f1_max": pixel_f1_max(masks, maps)}
+    assert image_auroc(target[:300], pooled[:300]) == pytest.approx(roc_auc_score(target[:300], pooled[:300]), abs=1e-12)
+    with pytest.raises(ValueError, match="only normal"):
+        pixel_metrics(np.zeros_like(masks), maps)

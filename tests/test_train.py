@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import signal
 import time
 from pathlib import Path
 from typing import Any
@@ -235,6 +236,50 @@ def test_ctrl_c_saves_a_checkpoint_to_resume_from(
     resumed = train(cfg, builtin_root, CATEGORY, tmp_path)
     assert resumed.resumed_from == 4
     assert [e["step"] for e in resumed.log] == [1, 2, 3, 4, 5, 6]
+
+
+def signal_after_optimizer_step(monkeypatch: pytest.MonkeyPatch, at_call: int, signals: int) -> None:
+    """Make the ``at_call``-th training step send itself SIGINT ``signals`` times once its optimizer has
+    stepped: the moment where stopping at once would save weights one step ahead of the step count."""
+    calls = []
+    real_step = train_module.train_step
+
+    def signalling(*args: Any, **kwargs: Any) -> dict[str, Tensor]:
+        losses = real_step(*args, **kwargs)
+        calls.append(1)
+        if len(calls) == at_call:
+            for _ in range(signals):
+                signal.raise_signal(signal.SIGINT)
+        return losses
+
+    monkeypatch.setattr(train_module, "train_step", signalling)
+
+
+def test_ctrl_c_mid_step_stops_after_it_and_resumes_exactly(
+    builtin_root: Path, tmp_path: Path, uninterrupted: TrainResult, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    signal_after_optimizer_step(monkeypatch, at_call=4, signals=1)
+    cfg = resume_config(checkpoint_every=100)
+    with pytest.raises(KeyboardInterrupt):
+        train(cfg, builtin_root, CATEGORY, tmp_path)
+    saved = torch.load(tmp_path / CHECKPOINT_NAME, weights_only=True)
+    assert saved["step"] == 4 and losses_of(saved["log"]) == losses_of(uninterrupted.log)[:4]
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # the handler is put back
+    monkeypatch.undo()
+    resumed = train(cfg, builtin_root, CATEGORY, tmp_path)
+    assert resumed.resumed_from == 4
+    assert losses_of(resumed.log) == losses_of(uninterrupted.log)
+    assert_same_state(snapshot(resumed), snapshot(uninterrupted))
+
+
+def test_a_second_ctrl_c_stops_at_once_and_keeps_the_last_whole_checkpoint(
+    builtin_root: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    signal_after_optimizer_step(monkeypatch, at_call=5, signals=2)
+    cfg = resume_config(checkpoint_every=100)  # checkpoints at step 3 (end of stage 1) and at the end only
+    with pytest.raises(KeyboardInterrupt):
+        train(cfg, builtin_root, CATEGORY, tmp_path)
+    assert torch.load(tmp_path / CHECKPOINT_NAME, weights_only=True)["step"] == 3
 
 
 def test_resuming_with_another_configuration_is_refused(builtin_root: Path, uninterrupted: TrainResult) -> None:
