@@ -1,0 +1,68 @@
+"""The tutorial notebooks are stored clean and follow the same conventions; nbval executes them (see the
+Makefile's test command), this file checks how they are written."""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+NOTEBOOKS = sorted((ROOT / "notebooks").glob("[0-9][0-9]_*.ipynb"))
+PLOTTING = ("figure(", "anomaly_examples(", "loss_curves(", "example_figure(", "curve_panels(")
+
+
+def cells(path: Path) -> list[dict]:
+    return json.loads(path.read_text())["cells"]
+
+
+def source(cell: dict) -> str:
+    return "".join(cell["source"])
+
+
+def test_notebooks_are_numbered_from_00_without_gaps() -> None:
+    numbers = [int(p.name[:2]) for p in NOTEBOOKS]
+    assert numbers[:5] == [0, 1, 2, 3, 4] and numbers == list(range(len(numbers)))
+
+
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.stem)
+def test_stored_without_outputs_or_execution_counts(path: Path) -> None:
+    for i, cell in enumerate(cells(path)):
+        if cell["cell_type"] == "code":
+            assert cell["outputs"] == [], f"{path.name} cell {i} has outputs: clear them before committing"
+            assert cell["execution_count"] is None, f"{path.name} cell {i} has an execution count"
+
+
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.stem)
+def test_top_has_title_goals_badge_and_a_colab_only_install(path: Path) -> None:
+    first, install = cells(path)[:2]
+    text = source(first)
+    assert first["cell_type"] == "markdown" and text.startswith(f"# {path.name[:2]} ·")
+    assert "You will be able to" in text and "DMDD_FAST=1" in text
+    assert re.search(rf"colab\.research\.google\.com/github/[^)]+/notebooks/{re.escape(path.name)}\)", text)
+    assert install["cell_type"] == "code" and 'if IN_COLAB:' in source(install) and "pip" in source(install)
+
+
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.stem)
+def test_uses_the_package_plots_through_its_helper_and_ends_with_summary_and_exercises(path: Path) -> None:
+    code = [source(c) for c in cells(path) if c["cell_type"] == "code"]
+    assert any("from dmdd_core" in c for c in code)
+    for c in code:
+        if any(name in c for name in PLOTTING) and "plt.show()" in c:
+            assert c.rstrip().endswith("plt.show()"), f"{path.name}: a plot cell must end in plt.show()"
+    last = source(cells(path)[-1])
+    assert "## Summary" in last and "## Exercises" in last
+    exercises = re.findall(r"^\d+\. ", last.split("## Exercises", 1)[1], flags=re.M)
+    assert 2 <= len(exercises) <= 4
+
+
+def test_readme_lists_every_notebook_in_order_with_a_colab_link() -> None:
+    readme = (ROOT / "README.md").read_text()
+    positions = [readme.find(f"notebooks/{p.name}") for p in NOTEBOOKS]
+    assert all(pos >= 0 for pos in positions), "a notebook is missing from the README"
+    assert positions == sorted(positions)
+    lines = readme.splitlines()
+    for p in NOTEBOOKS:
+        assert any(f"notebooks/{p.name}" in line and "colab.research.google.com/github/" in line for line in lines), p.name
