@@ -115,6 +115,7 @@ def loss_curves(log: Sequence[dict[str, float]], title: str = "") -> plt.Figure:
                 ax.plot([e["step"] for e in entries], [e[key] for e in entries], label=key, lw=1)
         ax.set_title(f"{title} stage {stage}: {'distillation' if stage == 1 else 'segmentation'}".strip())
         ax.set_xlabel("step")
-        ax.legend(frameon=False)
+        if entries:
+            ax.legend(frameon=False)
     fig.tight_layout()
     return fig

@@ -290,7 +290,12 @@ def train(
         start_step, log = int(state["step"]), list(state["log"])
         validation = dict(state.get("validation") or validation)
     else:
-        model = DMDD(cfg, teacher=teacher if teacher is not None else build_teacher(cfg))
+        if teacher is None:
+            teacher = build_teacher(cfg)
+        # Building a teacher draws random numbers (timm initialises it before loading weights): seed again, so
+        # the student starts the same whether the teacher was passed in or built here.
+        seed_everything(cfg.seed)
+        model = DMDD(cfg, teacher=teacher)
         opt_student, opt_seg = build_optimizers(model, cfg)
 
     use_cuda = device.type == "cuda"

@@ -282,6 +282,15 @@ def test_a_second_ctrl_c_stops_at_once_and_keeps_the_last_whole_checkpoint(
     assert torch.load(tmp_path / CHECKPOINT_NAME, weights_only=True)["step"] == 3
 
 
+def test_a_passed_teacher_and_a_built_one_give_the_same_run(builtin_root: Path, tmp_path: Path) -> None:
+    from dmdd_core.model import build_teacher
+
+    cfg = DMDDConfig.preset("smoke", teacher="tf_efficientnet_lite0")  # pretrained: the same weights both times
+    built_here = train(cfg, builtin_root, CATEGORY, tmp_path / "built")
+    passed_in = train(cfg, builtin_root, CATEGORY, tmp_path / "passed", teacher=build_teacher(cfg))
+    assert losses_of(built_here.log) == losses_of(passed_in.log)
+
+
 def test_resuming_with_another_configuration_is_refused(builtin_root: Path, uninterrupted: TrainResult) -> None:
     with pytest.raises(ValueError, match="another --out") as info:
         train(resume_config(lr_student=0.1), builtin_root, CATEGORY, uninterrupted.checkpoint.parent)
