@@ -38,7 +38,7 @@ import torch
 
 from .config import DMDDConfig
 from .data import DataSource, as_source
-from .train import RESUMABLE_DIFFERENCES, atomic_write_text
+from .train import RESUMABLE_DIFFERENCES, atomic_write_text, saved_config
 
 RESULTS_DIR = "results"
 RUNS_DIR = "runs"
@@ -168,6 +168,7 @@ def describe_device(device: torch.device) -> str:
 # --- one task -------------------------------------------------------------------------------------------------
 def _config_difference(saved: dict[str, Any], cfg: DMDDConfig) -> list[str]:
     current = cfg.to_dict()
+    saved = saved_config(saved)
     ignored = RESUMABLE_DIFFERENCES | {"seed"}
     keys = (set(saved) | set(current)) - ignored
     return sorted(f"{k}: {saved.get(k)!r} there, {current.get(k)!r} now" for k in keys if saved.get(k) != current.get(k))

@@ -31,6 +31,7 @@ Start here:
   dmdd evaluate --checkpoint runs/C    image and pixel AUROC on DIR/C/test
   dmdd predict --checkpoint runs/C --input FOLDER --out preds   anomaly maps of any images
   dmdd benchmark --data DIR --preset paper --seeds 0 1 2    every category, resumable; tables beside the paper
+  dmdd ablate --categories brick --seeds 0 1 2                the ablation table (dmdd ablate --list: variants)
   dmdd download mvtec                  fetch MVTec AD (also visa, dtd), then --data ~/.cache/dmdd/mvtec_anomaly_detection
 
 Datasets: --dataset auto detects MVTec AD / MPDD (ROOT/<category>/train/good ...), VisA (ROOT/split_csv/1cls.csv)
@@ -152,6 +153,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-resume", dest="resume", action="store_false", help="train and evaluate everything again, even tasks finished before")
     p.add_argument("--merge-only", dest="merge_only", action="store_true", help="only gather the finished tasks under --out into the tables (marked incomplete if some are missing)")
 
+    p = sub.add_parser("ablate", help="train and evaluate the ablation variants (the paper's components, our own choices) with several seeds; a table of paired differences to full DMDD")
+    _add_common(p)
+    p.add_argument("--categories", nargs="+", help="categories (default: all)")
+    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="seeds (default: 0 1 2)")
+    p.add_argument("--variants", nargs="+", help="variant names (default: all; full DMDD is always run); --list shows them")
+    p.add_argument("--list", action="store_true", help="list the variants and exit")
+    p.add_argument("--out", help="output folder (default runs/ablation/<dataset>_<preset>)")
+    p.add_argument("--no-resume", dest="resume", action="store_false", help="train everything again, even tasks finished before")
+
     p = sub.add_parser("download", help="download and extract MVTec AD, VisA or DTD (needs internet; resumable, checksum-verified)")
     p.add_argument("dataset", choices=sorted(DOWNLOADABLE), help="mvtec, visa, dtd (textures for the synthesis), or mpdd (prints how to get it by hand)")
     p.add_argument("--root", help="folder to put it in (default: $DMDD_DATA or ~/.cache/dmdd)")
@@ -268,7 +278,27 @@ def cmd_benchmark(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_ablate(args: argparse.Namespace) -> int:
+    import signal
+
+    from .ablation import VARIANTS, run_ablation, select_variants
+
+    if args.list:
+        for v in VARIANTS.values():
+            switches = ", ".join(f"{k}={val!r}" for k, val in v.overrides.items()) or "the preset unchanged"
+            print(f"{v.name:22s} {v.group:5s}  {v.label}: {switches}")
+        return 0
+    variants = select_variants(args.variants)
+    cfg = _config(args)
+    source = _source(args)
+    out = Path(args.out or f"runs/ablation/{source.kind}_{cfg.preset_name}")
+    signal.signal(signal.SIGTERM, signal.default_int_handler)
+    run_ablation(cfg, source, out, variants=variants, categories=args.categories, seeds=args.seeds, resume=args.resume)
+    return 0
+
+
 COMMANDS = {
+    "ablate": cmd_ablate,
     "benchmark": cmd_benchmark,
     "train": cmd_train,
     "evaluate": cmd_evaluate,

@@ -86,6 +86,9 @@ class DMDDConfig:
     msn: bool = True
     """Multi-perception segmentation network on both branches with attention. [paper] False: DeSTSeg's head
     on the normality branch."""
+    seg_branches: Literal["both", "normality"] = "both"
+    """What the multi-perception network reads: the discrepancies of both branches, or of the normality branch
+    alone. [ours: the paper's figure shows both]"""
     seg_channels: int = 256
     """Width of the segmentation body. [DeSTSeg]"""
     aspp_rates: tuple[int, int, int] = (6, 12, 18)
@@ -151,6 +154,8 @@ class DMDDConfig:
             raise ValueError(f"val_fraction must be in [0, 1), got {self.val_fraction}")
         if self.aim_teacher_image not in ("augmented", "original"):
             raise ValueError(f"aim_teacher_image must be 'augmented' or 'original', got {self.aim_teacher_image!r}")
+        if self.seg_branches not in ("both", "normality"):
+            raise ValueError(f"seg_branches must be 'both' or 'normality', got {self.seg_branches!r}")
         if self.ngm_region not in ("all", "normal"):
             raise ValueError(f"ngm_region must be 'all' or 'normal', got {self.ngm_region!r}")
 

@@ -329,7 +329,8 @@ class DMDD(nn.Module):
         self.student = DecoupledStudent(channels, cfg)
         self.segmentation: MultiPerceptionSegNet | DeSTSegHead
         if cfg.msn:
-            self.segmentation = MultiPerceptionSegNet(2 * sum(channels), cfg.seg_channels, cfg.aspp_rates)
+            branches = 2 if cfg.seg_branches == "both" else 1
+            self.segmentation = MultiPerceptionSegNet(branches * sum(channels), cfg.seg_channels, cfg.aspp_rates)
         else:
             self.segmentation = DeSTSegHead(sum(channels), cfg.seg_channels, cfg.aspp_rates)
 
@@ -344,7 +345,8 @@ class DMDD(nn.Module):
         self, teacher: list[Tensor], normality: list[Tensor], abnormality: list[Tensor] | None
     ) -> Tensor:
         """Segmentation logits (B,1,H/4,W/4) from the teacher and student features."""
-        branches = [normality] if not self.cfg.msn or abnormality is None else [normality, abnormality]
+        both = self.cfg.msn and self.cfg.seg_branches == "both"
+        branches = [normality] if abnormality is None or not both else [normality, abnormality]
         return self.segmentation(segmentation_input(teacher, branches))
 
     def forward(self, x: Tensor) -> DMDDOutput:

@@ -167,8 +167,15 @@ class TrainResult:
     """Training and validation files skipped with ``skip_bad``."""
 
 
+def saved_config(saved: dict[str, Any]) -> dict[str, Any]:
+    """A saved config with the fields it predates filled in with their defaults (a field added later keeps the
+    behaviour the run was made with only when its default is that behaviour, which is how fields are added)."""
+    return {**DMDDConfig().to_dict(), **saved}
+
+
 def _check_resumable(saved: dict[str, Any], cfg: DMDDConfig, path: Path) -> None:
     current = cfg.to_dict()
+    saved = saved_config(saved)
     diffs = {
         k: (saved.get(k), current[k])
         for k in current

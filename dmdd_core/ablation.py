@@ -1,0 +1,460 @@
+"""Ablations: which part of DMDD matters, and how much our own choices move the result.
+
+Two groups of *variants*, each a set of config switches applied to one base config (a preset):
+
+- ``paper``: the ablation in the form of the paper's table. DeSTSeg (every DMDD switch off), + decoupling,
+  + decoupling and AIM, + decoupling and the multi-perception segmentation network, full DMDD. [paper: the three
+  components; the rows: ours, as the paper's table is not available to us]
+- ``ours``: one change each from full DMDD, for every choice METHOD.md marks [ours] (NGM's region, AIM's teacher
+  image, margin and normal-region term, what the segmentation network reads).
+
+Every variant is trained and evaluated with the same seeds on the same categories; the table gives, per variant,
+the mean ± sample std over seeds of each metric (averaged over categories within a seed first), and the
+difference to full DMDD *paired by seed* (same seed, same synthetic anomalies, same initialisation), with the
+p-value of a paired t-test. With three seeds only a large, consistent difference reaches p < 0.05; the table
+says "within seed noise" for the rest rather than ranking them.
+
+Output folder::
+
+    <variant>/runs/<category>/seed<k>/      checkpoint.pt, log.json   (the benchmark runner's layout)
+    <variant>/results/<category>__seed<k>.json
+    ablation.md, ablation.csv, ablation.json, figures/ablation.png
+
+The runner is resumable like the benchmark's: a finished task is skipped, an interrupted one resumes. Tasks run
+seed by seed (every variant for seed 0, then seed 1...), so a run stopped early already holds a complete, smaller
+table.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+
+from .benchmark import (
+    FIGURES_DIR,
+    RESULTS_DIR,
+    Task,
+    _is_done,
+    _mean_std,
+    load_result,
+    run_task,
+    versions,
+)
+from .config import DMDDConfig
+from .data import DataSource, as_source
+from .train import atomic_write_text
+
+ABLATION_METRICS: tuple[tuple[str, str], ...] = (
+    ("image_auroc", "image AUROC"),
+    ("pixel_auroc", "pixel AUROC"),
+    ("aupro", "AUPRO"),
+    ("pixel_ap", "pixel AP"),
+)
+REFERENCE = "dmdd"
+"""The variant every other one is compared with: full DMDD, the base config unchanged."""
+
+
+@dataclass(frozen=True)
+class Variant:
+    """One row of the ablation table: config switches applied to the base config."""
+
+    name: str
+    label: str
+    group: Literal["paper", "ours"]
+    overrides: Mapping[str, Any] = field(default_factory=dict)
+    note: str = ""
+
+    def config(self, base: DMDDConfig) -> DMDDConfig:
+        """The base config with this variant's switches."""
+        return base.replace(**dict(self.overrides))
+
+    @property
+    def components(self) -> tuple[bool, bool, bool]:
+        """(decoupling, AIM, multi-perception segmentation) as in the base preset, switched."""
+        o = self.overrides
+        return bool(o.get("decouple", True)), bool(o.get("aim", True)), bool(o.get("msn", True))
+
+
+PAPER_VARIANTS: tuple[Variant, ...] = (
+    Variant("destseg", "DeSTSeg baseline", "paper", {"decouple": False, "aim": False, "msn": False},
+            "one student, denoising loss on the whole image, DeSTSeg's segmentation head"),
+    Variant("decouple", "+ decoupling", "paper", {"aim": False, "msn": False},
+            "two branches; NGM on the normality branch; the abnormality branch is not trained and not read"),
+    Variant("decouple_aim", "+ decoupling + AIM", "paper", {"msn": False},
+            "the abnormality branch learns by AIM; the segmentation head still reads the normality branch only"),
+    Variant("decouple_msn", "+ decoupling + MSN", "paper", {"aim": False},
+            "the multi-perception network reads both branches; the abnormality branch is untrained (no AIM)"),
+    Variant(REFERENCE, "full DMDD", "paper", {}, "decoupling + AIM + multi-perception segmentation"),
+)
+OUR_VARIANTS: tuple[Variant, ...] = (
+    Variant("ngm_normal", "NGM over normal pixels only", "ours", {"ngm_region": "normal"},
+            "ours: NGM averaged over every pixel (DeSTSeg's denoising loss)"),
+    Variant("aim_teacher_original", "AIM teacher sees the normal image", "ours", {"aim_teacher_image": "original"},
+            "ours: the teacher sees the anomalous image, as at test time"),
+    Variant("aim_margin", "AIM margin 0.5", "ours", {"aim_margin": 0.5},
+            "ours: margin 0 (push the cosine similarity inside the anomaly down to 0)"),
+    Variant("aim_no_normal_term", "AIM without its normal-region term", "ours", {"aim_normal_term": False},
+            "ours: the abnormality branch also mimics the teacher outside the anomaly"),
+    Variant("seg_normality_only", "MSN reads the normality branch only", "ours", {"seg_branches": "normality"},
+            "ours: both branches (the paper's figure)"),
+)
+VARIANTS: dict[str, Variant] = {v.name: v for v in PAPER_VARIANTS + OUR_VARIANTS}
+
+
+def select_variants(names: Sequence[str] | None = None) -> list[Variant]:
+    """Variants by name, in table order (all when ``names`` is None); full DMDD is always included."""
+    if names is None:
+        return list(VARIANTS.values())
+    unknown = sorted(set(names) - set(VARIANTS))
+    if unknown:
+        raise ValueError(f"unknown variant(s) {unknown}; known: {', '.join(VARIANTS)}")
+    wanted = set(names) | {REFERENCE}
+    return [v for v in VARIANTS.values() if v.name in wanted]
+
+
+# --- running ----------------------------------------------------------------------------------------------------
+def run_ablation(
+    base: DMDDConfig,
+    data: str | Path | DataSource,
+    out: str | Path,
+    *,
+    variants: Sequence[Variant] | None = None,
+    categories: Sequence[str] | None = None,
+    seeds: Sequence[int] = (0, 1, 2),
+    resume: bool = True,
+    progress: bool | None = None,
+) -> Path:
+    """Train and evaluate every variant on every category with every seed; write the table; return its path."""
+    from .model import build_teacher
+    from .train import select_device
+
+    out = Path(out)
+    source = as_source(data)
+    chosen = list(variants) if variants is not None else select_variants()
+    if REFERENCE not in {v.name for v in chosen}:
+        chosen.append(VARIANTS[REFERENCE])
+    cats = list(categories or source.categories())
+    base = base.replace(device=str(select_device(base.device)))
+    configs = {v.name: v.config(base) for v in chosen}  # raises on an impossible combination before any work
+    plan = [(seed, v, c) for seed in seeds for v in chosen for c in cats]
+    todo = []
+    for seed, v, c in plan:
+        path = out / v.name / RESULTS_DIR / f"{Task(c, seed).key}.json"
+        if not (resume and _is_done(load_result(path), configs[v.name], "input", False, path)):
+            todo.append((seed, v, c))
+    print(f"ablation: {len(chosen)} variants x {len(cats)} categories x {len(seeds)} seeds = {len(plan)} tasks, "
+          f"{len(plan) - len(todo)} done before", flush=True)
+    teacher = build_teacher(base) if todo else None
+    spent: list[float] = []
+    for i, (seed, v, c) in enumerate(todo, 1):
+        started = time.perf_counter()
+        record = run_task(Task(c, seed), configs[v.name], source, out / v.name, teacher=teacher, pro_variants=False,
+                          resume=resume, progress=progress)
+        spent.append(time.perf_counter() - started)
+        m = record["evaluation"]["dmdd"]
+        left = np.mean(spent) * (len(todo) - i) / 60
+        print(f"[{i}/{len(todo)}] seed {seed} {v.label} ({c}): image AUROC {100 * m['image_auroc']:.2f}, pixel AUROC "
+              f"{100 * m['pixel_auroc']:.2f}, AUPRO {100 * m['aupro']:.2f} ({spent[-1]:.0f} s; about {left:.0f} min "
+              "left)", flush=True)
+    return write_ablation(out, chosen, cats, seeds)
+
+
+# --- the table ----------------------------------------------------------------------------------------------------
+def collect(out: str | Path, variants: Sequence[Variant], categories: Sequence[str],
+            seeds: Sequence[int]) -> dict[str, dict[int, dict[str, float]]]:
+    """variant -> seed -> metric -> percent, averaged over categories; only seeds where every category of
+    the variant is finished."""
+    out = Path(out)
+    table: dict[str, dict[int, dict[str, float]]] = {}
+    for v in variants:
+        per_seed: dict[int, dict[str, float]] = {}
+        for seed in seeds:
+            records = [load_result(out / v.name / RESULTS_DIR / f"{Task(c, seed).key}.json") for c in categories]
+            if all(r is not None for r in records):
+                per_seed[seed] = {
+                    key: float(np.mean([100 * r["evaluation"]["dmdd"][key] for r in records if r is not None]))
+                    for key, _ in ABLATION_METRICS
+                }
+        table[v.name] = per_seed
+    return table
+
+
+def paired_difference(values: Mapping[int, float], reference: Mapping[int, float]) -> dict[str, Any]:
+    """Mean and std over the shared seeds of (variant - reference), and a paired t-test's two-sided p-value
+    (None with fewer than two seeds, or when every difference is the same)."""
+    from scipy import stats
+
+    shared = sorted(set(values) & set(reference))
+    diffs = np.array([values[s] - reference[s] for s in shared], dtype=np.float64)
+    if len(diffs) == 0:
+        return {"mean": None, "std": None, "p": None, "seeds": []}
+    mean, std = _mean_std(diffs.tolist())
+    p = None
+    if len(diffs) > 1 and std > 0:
+        p = float(stats.ttest_rel([values[s] for s in shared], [reference[s] for s in shared]).pvalue)
+    return {"mean": mean, "std": std, "p": p, "seeds": shared}
+
+
+def ablation_rows(table: Mapping[str, Mapping[int, Mapping[str, float]]],
+                  variants: Sequence[Variant]) -> list[dict[str, Any]]:
+    """One row per variant: per metric the mean, std and per-seed values, and the paired difference to full
+    DMDD."""
+    reference = table.get(REFERENCE, {})
+    rows = []
+    for v in variants:
+        per_seed = table.get(v.name, {})
+        row: dict[str, Any] = {"name": v.name, "label": v.label, "group": v.group, "overrides": dict(v.overrides),
+                               "note": v.note, "components": v.components, "seeds": sorted(per_seed)}
+        for key, _ in ABLATION_METRICS:
+            values = {s: m[key] for s, m in per_seed.items()}
+            row[key] = {"mean": _mean_std(list(values.values())) if values else None,
+                        "per_seed": values,
+                        "vs_dmdd": paired_difference(values, {s: m[key] for s, m in reference.items()})
+                        if v.name != REFERENCE else None}
+        rows.append(row)
+    return rows
+
+
+def reading(diff: Mapping[str, Any] | None, alpha: float = 0.05) -> str:
+    """A plain-words reading of a paired difference: 'higher'/'lower' only when the paired test says so."""
+    if not diff or diff.get("mean") is None:
+        return "–"
+    p = diff.get("p")
+    if p is None or p >= alpha:
+        return "within seed noise"
+    return "higher" if diff["mean"] > 0 else "lower"
+
+
+def _cell(stat: tuple[float, float] | None, n: int) -> str:
+    if stat is None:
+        return "–"
+    return f"{stat[0]:.2f} ± {stat[1]:.2f}" if n > 1 else f"{stat[0]:.2f}"
+
+
+def _delta(diff: Mapping[str, Any] | None) -> str:
+    if not diff or diff.get("mean") is None:
+        return "–"
+    p = diff.get("p")
+    return f"{diff['mean']:+.2f} ± {diff['std']:.2f}" + (f" (p={p:.2f})" if p is not None else "")
+
+
+def ablation_markdown(rows: Sequence[Mapping[str, Any]], meta: Mapping[str, Any]) -> str:
+    """The two tables (paper form, our choices) with their metadata."""
+    lines = [f"# Ablation: {meta.get('data', '')}, {meta.get('preset', '')} preset", ""]
+    for key, value in meta.items():
+        if key not in ("data", "preset"):
+            lines.append(f"- {key}: {value}")
+    lines.append("")
+    tick = {True: "✓", False: ""}
+    heads = [label for _, label in ABLATION_METRICS]
+    lines += ["## In the paper's form (percent, mean ± std over seeds)", "",
+              "| variant | decoupling | AIM | MSN | " + " | ".join(heads) + " | Δ pixel AUROC vs DMDD | Δ AUPRO vs DMDD |",
+              "|---|:-:|:-:|:-:|" + "---|" * (len(heads) + 2)]
+    for r in rows:
+        if r["group"] != "paper":
+            continue
+        n = len(r["seeds"])
+        d, a, m = r["components"]
+        cells = [_cell(r[k]["mean"], n) for k, _ in ABLATION_METRICS]
+        lines.append(f"| {r['label']} | {tick[d]} | {tick[a]} | {tick[m]} | " + " | ".join(cells)
+                     + f" | {_delta(r['pixel_auroc']['vs_dmdd'])} | {_delta(r['aupro']['vs_dmdd'])} |")
+    ours = [r for r in rows if r["group"] == "ours"]
+    if ours:
+        lines += ["", "## Our own choices, one change each from full DMDD (percent)", "",
+                  "| change | default | " + " | ".join(heads) + " | Δ pixel AUROC vs DMDD | Δ AUPRO vs DMDD | reading |",
+                  "|---|---|" + "---|" * (len(heads) + 3)]
+        for r in ours:
+            n = len(r["seeds"])
+            cells = [_cell(r[k]["mean"], n) for k, _ in ABLATION_METRICS]
+            readings = {reading(r["pixel_auroc"]["vs_dmdd"]), reading(r["aupro"]["vs_dmdd"])}
+            lines.append(f"| {r['label']} | {r['note'].removeprefix('ours: ')} | " + " | ".join(cells)
+                         + f" | {_delta(r['pixel_auroc']['vs_dmdd'])} | {_delta(r['aupro']['vs_dmdd'])} | "
+                         + " / ".join(sorted(readings)) + " |")
+    lines += ["", "Δ: the variant minus full DMDD, paired by seed (mean ± std of the differences; p: paired t-test, "
+              "two-sided). 'within seed noise': p ≥ 0.05, or too few seeds to tell."]
+    return "\n".join(lines)
+
+
+def ablation_figure(rows: Sequence[Mapping[str, Any]], metrics: Sequence[str] = ("pixel_auroc", "aupro", "image_auroc")):
+    """One panel per metric: each variant's seeds as dots, the mean ± std as a bar, full DMDD's mean as a line."""
+    from .plots import figure
+
+    labels = dict(ABLATION_METRICS)
+    fig, axes = figure(1, len(metrics), size=(4.2 * len(metrics), 0.45 * len(rows) + 1.4), sharey=True)
+    axes = axes[0]
+    ys = np.arange(len(rows))[::-1]
+    colours = {"paper": "tab:blue", "ours": "tab:orange"}
+    for ax, key in zip(axes, metrics):
+        for y, r in zip(ys, rows):
+            stat = r[key]["mean"]
+            if stat is None:
+                continue
+            seeds = list(r[key]["per_seed"].values())
+            ax.scatter(seeds, [y] * len(seeds), s=14, color=colours[r["group"]], alpha=0.5, zorder=2)
+            ax.errorbar(stat[0], y, xerr=stat[1], fmt="D", color=colours[r["group"]], ms=6, capsize=3, zorder=3)
+            if r["name"] == REFERENCE:
+                ax.axvline(stat[0], color="grey", lw=1, ls="--", zorder=1)
+        ax.set_title(labels[key])
+        ax.set_xlabel("percent")
+        ax.grid(axis="x", alpha=0.3)
+    axes[0].set_yticks(ys, [r["label"] for r in rows])
+    n_paper = sum(r["group"] == "paper" for r in rows)
+    if 0 < n_paper < len(rows):
+        for ax in axes:
+            ax.axhline(ys[n_paper - 1] - 0.5, color="black", lw=0.6)
+    fig.suptitle("Ablation: seeds (dots), mean ± std (diamond); dashed: full DMDD; blue: the paper's components, "
+                 "orange: our choices", fontsize=9)
+    fig.tight_layout()
+    return fig
+
+
+def write_ablation(out: str | Path, variants: Sequence[Variant], categories: Sequence[str],
+                   seeds: Sequence[int]) -> Path:
+    """Gather the finished tasks under ``out`` into ablation.md/.csv/.json and figures/ablation.png."""
+    import matplotlib.pyplot as plt
+
+    from .plots import save_figure
+
+    out = Path(out)
+    rows = ablation_rows(collect(out, variants, categories, seeds), variants)
+    if not any(r["seeds"] for r in rows):
+        raise FileNotFoundError(f"no finished ablation tasks under {out}")
+    record = _any_record(out, variants, categories, seeds)
+    cfg = record["config"] if record else {}
+    meta = {
+        "data": f"{record['evaluation'].get('data', {}).get('kind', '?')}" if record else "?",
+        "preset": record.get("preset", "?") if record else "?",
+        "categories": ", ".join(categories),
+        "seeds": ", ".join(map(str, seeds)) + " (table rows use the seeds finished for every category)",
+        "training": f"{cfg.get('stage1_steps')} + {cfg.get('stage2_steps')} steps, batch {cfg.get('batch_size')}, "
+                    f"input {cfg.get('image_size')}x{cfg.get('image_size')}, teacher {record['teacher']['name'] if record else '?'}",
+        "metrics computed at": record["evaluation"].get("metric_resolution", "?") if record else "?",
+        "checkpoint rule": "last step (no checkpoint chosen on any split)",
+        "AUPRO": "reference definition (METHOD.md section 8)",
+        "device": record.get("device", "?") if record else "?",
+        "versions": ", ".join(f"{k} {v}" for k, v in versions().items()),
+    }
+    text = ablation_markdown(rows, meta)
+    atomic_write_text(text + "\n", out / "ablation.md")
+    atomic_write_text(_csv(rows), out / "ablation.csv")
+    atomic_write_text(json.dumps({"meta": meta, "rows": rows}, indent=1, default=_jsonable), out / "ablation.json")
+    fig = ablation_figure(rows)
+    save_figure(fig, "ablation", out / FIGURES_DIR)
+    plt.close(fig)
+    print(text, flush=True)
+    print(f"\nablation table in {out}/ (ablation.md, ablation.csv, ablation.json, {FIGURES_DIR}/ablation.png)",
+          file=sys.stderr)
+    return out / "ablation.md"
+
+
+def _jsonable(value: Any) -> Any:
+    if isinstance(value, tuple):
+        return list(value)
+    raise TypeError(f"not JSON serialisable: {type(value).__name__}")
+
+
+def _any_record(out: Path, variants: Sequence[Variant], categories: Sequence[str],
+                seeds: Sequence[int]) -> dict[str, Any] | None:
+    for v in variants:
+        for c in categories:
+            for s in seeds:
+                record = load_result(out / v.name / RESULTS_DIR / f"{Task(c, s).key}.json")
+                if record is not None:
+                    return record
+    return None
+
+
+def _csv(rows: Sequence[Mapping[str, Any]]) -> str:
+    """One line per variant and seed (percent), the long format a notebook or a spreadsheet plots from."""
+    import csv
+    import io
+
+    buffer = io.StringIO()
+    writer = csv.writer(buffer, lineterminator="\n")
+    writer.writerow(["variant", "group", "seed"] + [key for key, _ in ABLATION_METRICS])
+    for r in rows:
+        for seed in r["seeds"]:
+            writer.writerow([r["name"], r["group"], seed] + [f"{r[k]['per_seed'][seed]:.4f}" for k, _ in ABLATION_METRICS])
+    return buffer.getvalue()
+
+
+def load_ablation(out: str | Path) -> dict[str, Any]:
+    """The ablation.json of a finished (or partly finished) run."""
+    path = Path(out) / "ablation.json"
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} not found: run `dmdd ablate --out {out}` (or run_ablation) first")
+    return json.loads(path.read_text())
+
+
+# --- looking at the maps ------------------------------------------------------------------------------------------
+class VariantMaps:
+    """The trained variants of an ablation folder, loaded on first use and kept, to compare their anomaly maps of
+    one test image (what the notebook's explorer shows)."""
+
+    def __init__(self, out: str | Path, data: str | Path | DataSource, category: str, device: str = "cpu") -> None:
+        self.out, self.category, self.device = Path(out), category, device
+        self.source = as_source(data)
+        self._models: dict[tuple[str, int], Any] = {}
+        self._test: Any = None
+
+    def model(self, name: str, seed: int) -> Any:
+        """The trained model of variant ``name`` and ``seed`` (FileNotFoundError naming what to run if absent)."""
+        from .benchmark import RUNS_DIR
+        from .train import load_checkpoint
+
+        key = (name, seed)
+        if key not in self._models:
+            path = self.out / name / RUNS_DIR / self.category / f"seed{seed}" / "checkpoint.pt"
+            if not path.is_file():
+                raise FileNotFoundError(f"{path} not found: the ablation in {self.out} has not trained {name} "
+                                        f"on {self.category} with seed {seed}")
+            self._models[key] = load_checkpoint(path, self.device)[0]
+        return self._models[key]
+
+    @property
+    def test(self) -> Any:
+        """The category's test split at the models' input size (that of the first model loaded)."""
+        from .data import TestDataset
+
+        if self._test is None:
+            if not self._models:
+                raise RuntimeError("load a model first (VariantMaps.model)")
+            size = next(iter(self._models.values())).cfg.image_size
+            self._test = TestDataset(self.source, self.category, size)
+        return self._test
+
+    def maps(self, names: Sequence[str], seed: int, index: int) -> dict[str, np.ndarray]:
+        """variant -> (S,S) anomaly map of test image ``index``."""
+        import torch
+
+        models = {name: self.model(name, seed) for name in names}
+        item = self.test[index]
+        with torch.no_grad():
+            return {name: m(item.image[None].to(self.device)).anomaly_map[0, 0].cpu().numpy() for name, m in models.items()}
+
+    def figure(self, names: Sequence[str], seed: int, index: int, own_scale: bool = False):
+        """One row: the test image, its ground truth, then each variant's map (a shared 0..1 scale, or each its
+        own with ``own_scale``), titled with the variant and its pixel AUROC on this image when defective."""
+        from .metrics import pixel_auroc
+        from .plots import figure, show_image
+
+        maps = self.maps(names, seed, index)
+        item = self.test[index]
+        mask = item.mask[0].numpy()
+        fig, axes = figure(1, 2 + len(maps), size=(2.4 * (2 + len(maps)), 2.8))
+        show_image(axes[0, 0], item.image, f"test image {index}: {item.defect_type}")
+        show_image(axes[0, 1], mask, "ground truth", vmin=0, vmax=1)
+        for ax, (name, anomaly_map) in zip(axes[0, 2:], maps.items()):
+            scale = {} if own_scale else {"vmin": 0, "vmax": 1}
+            score = f"\npixel AUROC {pixel_auroc(mask[None], anomaly_map[None]):.3f}" if 0 < mask.mean() < 1 else ""
+            show_image(ax, anomaly_map, VARIANTS[name].label + score if name in VARIANTS else name, cmap="jet", **scale)
+        fig.suptitle(f"seed {seed}; maps on {'each their own' if own_scale else 'one 0..1'} scale", fontsize=9)
+        fig.tight_layout()
+        return fig
