@@ -130,8 +130,10 @@ def run_ablation(
     seeds: Sequence[int] = (0, 1, 2),
     resume: bool = True,
     progress: bool | None = None,
+    show: bool = True,
 ) -> Path:
-    """Train and evaluate every variant on every category with every seed; write the table; return its path."""
+    """Train and evaluate every variant on every category with every seed; write the table (printed unless
+    ``show`` is False); return its path."""
     from .model import build_teacher
     from .train import select_device
 
@@ -163,7 +165,7 @@ def run_ablation(
         print(f"[{i}/{len(todo)}] seed {seed} {v.label} ({c}): image AUROC {100 * m['image_auroc']:.2f}, pixel AUROC "
               f"{100 * m['pixel_auroc']:.2f}, AUPRO {100 * m['aupro']:.2f} ({spent[-1]:.0f} s; about {left:.0f} min "
               "left)", flush=True)
-    return write_ablation(out, chosen, cats, seeds)
+    return write_ablation(out, chosen, cats, seeds, show=show)
 
 
 # --- the table ----------------------------------------------------------------------------------------------------
@@ -273,10 +275,10 @@ def ablation_markdown(rows: Sequence[Mapping[str, Any]], meta: Mapping[str, Any]
         for r in ours:
             n = len(r["seeds"])
             cells = [_cell(r[k]["mean"], n) for k, _ in ABLATION_METRICS]
-            readings = {reading(r["pixel_auroc"]["vs_dmdd"]), reading(r["aupro"]["vs_dmdd"])}
+            pixel, pro = reading(r["pixel_auroc"]["vs_dmdd"]), reading(r["aupro"]["vs_dmdd"])
             lines.append(f"| {r['label']} | {r['note'].removeprefix('ours: ')} | " + " | ".join(cells)
                          + f" | {_delta(r['pixel_auroc']['vs_dmdd'])} | {_delta(r['aupro']['vs_dmdd'])} | "
-                         + " / ".join(sorted(readings)) + " |")
+                         + (pixel if pixel == pro else f"pixel AUROC {pixel}; AUPRO {pro}") + " |")
     lines += ["", "Δ: the variant minus full DMDD, paired by seed (mean ± std of the differences; p: paired t-test, "
               "two-sided). 'within seed noise': p ≥ 0.05, or too few seeds to tell."]
     return "\n".join(lines)
@@ -316,7 +318,7 @@ def ablation_figure(rows: Sequence[Mapping[str, Any]], metrics: Sequence[str] = 
 
 
 def write_ablation(out: str | Path, variants: Sequence[Variant], categories: Sequence[str],
-                   seeds: Sequence[int]) -> Path:
+                   seeds: Sequence[int], show: bool = True) -> Path:
     """Gather the finished tasks under ``out`` into ablation.md/.csv/.json and figures/ablation.png."""
     import matplotlib.pyplot as plt
 
@@ -348,8 +350,9 @@ def write_ablation(out: str | Path, variants: Sequence[Variant], categories: Seq
     fig = ablation_figure(rows)
     save_figure(fig, "ablation", out / FIGURES_DIR)
     plt.close(fig)
-    print(text, flush=True)
-    print(f"\nablation table in {out}/ (ablation.md, ablation.csv, ablation.json, {FIGURES_DIR}/ablation.png)",
+    if show:
+        print(text, flush=True)
+    print(f"ablation table in {out}/ (ablation.md, ablation.csv, ablation.json, {FIGURES_DIR}/ablation.png)",
           file=sys.stderr)
     return out / "ablation.md"
 

@@ -310,9 +310,11 @@ def run_benchmark(
     skip_bad: bool = False,
     rank: Rank | None = None,
     progress: bool | None = None,
+    show: bool = True,
 ) -> Path | None:
     """Run this rank's share of the benchmark, then merge when every task is done; return the Markdown table's
-    path, or None when other ranks still have tasks to finish (the last one merges)."""
+    path, or None when other ranks still have tasks to finish (the last one merges). The merged table is
+    printed unless ``show`` is False."""
     from .model import build_teacher
 
     if resolution not in ("input", "original"):
@@ -350,7 +352,7 @@ def run_benchmark(
         print(f"{tag}done; {len(missing)} tasks still running elsewhere ({', '.join(t.key for t in missing[:5])}"
               f"{'...' if len(missing) > 5 else ''}); the last rank to finish merges", flush=True)
         return None
-    return merge(out, tasks)
+    return merge(out, tasks, show=show)
 
 
 # --- merging and tables ---------------------------------------------------------------------------------------
@@ -533,9 +535,10 @@ def curve_figure(records: Sequence[dict[str, Any]]):
     )
 
 
-def merge(out: str | Path, tasks: Sequence[Task] | None = None) -> Path:
+def merge(out: str | Path, tasks: Sequence[Task] | None = None, show: bool = True) -> Path:
     """Gather the result files under ``out`` (of ``tasks``, or all there are) into results.md, results.csv,
-    results_per_seed.csv, results.json and the curve figure; return the Markdown file's path."""
+    results_per_seed.csv, results.json and the curve figure; return the Markdown file's path (the table is
+    printed unless ``show`` is False)."""
     import matplotlib.pyplot as plt
 
     from .plots import save_figure
@@ -564,6 +567,64 @@ def merge(out: str | Path, tasks: Sequence[Task] | None = None) -> Path:
     fig = curve_figure(records)
     save_figure(fig, "curves", out / FIGURES_DIR)
     plt.close(fig)
-    print(report, flush=True)
-    print(f"\nresults in {out}/ (results.md, results.csv, results_per_seed.csv, results.json, {FIGURES_DIR}/)", file=sys.stderr)
+    if show:
+        print(report, flush=True)
+    print(f"results in {out}/ (results.md, results.csv, results_per_seed.csv, results.json, {FIGURES_DIR}/)", file=sys.stderr)
     return out / "results.md"
+
+
+def gap_lines(records: Sequence[dict[str, Any]]) -> list[str]:
+    """A Markdown table of this run's means beside the paper's DMDD means, the gap, and how much of the PRO gap
+    the per-image PRO definition alone accounts for on the same maps (empty when the dataset has no published
+    DMDD numbers)."""
+    kind = _dataset_kind(records)
+    paper = next((p for p in PUBLISHED.get(kind, ()) if p.method == "DMDD"), None)
+    if paper is None:
+        return []
+    keys = ["image_auroc", "pixel_auroc", "aupro", "aupro_per_image"]
+    mean = summarise(records, keys)["mean"]
+    n_seeds = len({r["seed"] for r in records})
+    lines = [f"| metric | this run | DMDD, {paper.source} | gap (this run − paper) |", "|---|---|---|---|"]
+    for key, label in (("image_auroc", "image AUROC"), ("pixel_auroc", "pixel AUROC"), ("aupro", "AUPRO (reference)")):
+        ours, theirs = mean.get(key), getattr(paper, key)
+        gap = f"{ours[0] - theirs:+.2f}" if ours is not None and theirs is not None else "–"
+        lines.append(f"| {label} | {_fmt(ours, n_seeds) if ours else '–'} | {_fmt(theirs)} | {gap} |")
+    if "aupro_per_image" in mean and "aupro" in mean and paper.aupro is not None:
+        shift = mean["aupro_per_image"][0] - mean["aupro"][0]
+        lines.append(f"| AUPRO, per-image variant | {_fmt(mean['aupro_per_image'], n_seeds)} | {_fmt(paper.aupro)} | "
+                     f"{mean['aupro_per_image'][0] - paper.aupro:+.2f} (the definition alone moves it {shift:+.2f}) |")
+    return lines
+
+
+def category_figure(records: Sequence[dict[str, Any]], keys: Sequence[str] = ("image_auroc", "pixel_auroc", "aupro")):
+    """One panel per metric: each category's seeds (dots) and mean ± std (diamond), the dataset mean as a solid
+    line and the paper's DMDD mean, when there is one, as a dashed line."""
+    from .plots import figure
+
+    labels = dict(METRICS)
+    summary = summarise(records, list(keys))
+    categories = list(summary["categories"])
+    kind = _dataset_kind(records)
+    paper = next((p for p in PUBLISHED.get(kind, ()) if p.method == "DMDD"), None)
+    fig, axes = figure(1, len(keys), size=(4.0 * len(keys), 0.32 * len(categories) + 1.6), sharey=True)
+    ys = np.arange(len(categories))[::-1]
+    for ax, key in zip(axes[0], keys):
+        for y, category in zip(ys, categories):
+            values = [100 * r["evaluation"]["dmdd"][key] for r in records if r["category"] == category]
+            mean, std = summary["categories"][category][key]
+            ax.scatter(values, [y] * len(values), s=12, color="tab:blue", alpha=0.5, zorder=2)
+            ax.errorbar(mean, y, xerr=std, fmt="D", color="tab:blue", ms=5, capsize=3, zorder=3)
+        if key in summary["mean"]:
+            ax.axvline(summary["mean"][key][0], color="tab:blue", lw=1.2, label="this run's mean")
+        published = getattr(paper, key, None) if paper else None
+        if published is not None:
+            ax.axvline(published, color="tab:red", ls="--", lw=1.2, label=f"DMDD paper ({published:.2f})")
+        low = min(100 * r["evaluation"]["dmdd"][key] for r in records)
+        ax.set_xlim(max(0.0, low - 5), 100.5)
+        ax.set_title(labels[key])
+        ax.set_xlabel("percent (seeds: dots; mean ± std: diamond)")
+        ax.grid(axis="x", alpha=0.3)
+        ax.legend(loc="best", fontsize=7)
+    axes[0, 0].set_yticks(ys, categories)
+    fig.tight_layout()
+    return fig

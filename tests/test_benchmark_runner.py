@@ -254,3 +254,30 @@ def test_torchrun_shards_categories_over_two_processes_and_merges(builtin_root: 
     report = (out / "results.md").read_text()
     assert "| brick |" in report and "| grass |" in report and "ranks: 2" in report
     assert "[rank 1/2]" in done.stdout and "[rank 0/2]" in done.stdout
+
+
+# --- the gap to the paper ------------------------------------------------------------------------------------------
+def test_gap_lines_compare_with_the_papers_dmdd_and_isolate_the_pro_definition() -> None:
+    from dmdd_core.benchmark import gap_lines
+
+    records = [fake_record(c, s, 0.90 + 0.01 * s) for c in ("bottle", "cable") for s in (0, 1)]
+    for r in records:
+        r["evaluation"]["dmdd"]["aupro_per_image"] = r["evaluation"]["dmdd"]["aupro"] + 0.02
+    text = "\n".join(gap_lines(records))
+    # pixel AUROC: mean of seeds 90 and 91 = 90.5; paper 98.85
+    assert "| pixel AUROC | 90.50 ± 0.71 | 98.85 | -8.35 |" in text
+    assert "| AUPRO (reference) | 90.50 ± 0.71 | 96.13 | -5.63 |" in text
+    assert "(the definition alone moves it +2.00)" in text
+    assert gap_lines([fake_record("brick", 0, 0.9, kind="builtin")]) == []
+
+
+def test_category_figure_has_a_panel_per_metric_and_the_papers_line() -> None:
+    from dmdd_core.benchmark import category_figure
+
+    records = [fake_record(c, s, 0.90 + 0.01 * s) for c in ("bottle", "cable", "screw") for s in (0, 1, 2)]
+    fig = category_figure(records)
+    assert len(fig.axes) == 3
+    assert [t.get_text() for t in fig.axes[0].get_yticklabels()] == ["bottle", "cable", "screw"]
+    legend = [t.get_text() for t in fig.axes[1].get_legend().get_texts()]
+    assert legend == ["this run's mean", "DMDD paper (98.85)"]
+    assert "DMDD paper" not in " ".join(t.get_text() for t in fig.axes[0].get_legend().get_texts())

@@ -6,6 +6,8 @@ import importlib.util
 import json
 from pathlib import Path
 
+import pytest
+
 SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "speed.py"
 
 
@@ -69,3 +71,40 @@ def test_metrics_speed_benchmark(tmp_path: Path) -> None:
     rows = report["metrics"]
     assert set(rows) >= {"aupro (reference)", "aupro per image (variant)", "aupro 200 linear thresholds (variant)"}
     assert all(r["seconds"] > 0 and 0.0 <= r["value"] <= 1.0 for r in rows.values())
+
+
+def test_gpu_estimate_arithmetic_and_flop_counts() -> None:
+    import argparse
+
+    import torch
+
+    from dmdd_core.config import DMDDConfig
+
+    est = _load_script(SCRIPT.parent / "gpu_estimate.py")
+    linear = torch.nn.Linear(8, 4, bias=False)
+    assert est.count_flops(lambda: linear(torch.rand(3, 8))) == 2 * 3 * 8 * 4
+
+    cfg = DMDDConfig.preset("paper")
+    args = argparse.Namespace(tflops=(10.0, 100.0), workers=4, step_overhead=15.0, seeds=3)
+    flops = {"stage1": 1e12, "stage2": 2e12, "inference_per_image": 1e10}
+    result = est.estimate(flops, 100.0, args, cfg)
+    slow, fast = result["slow GPU"], result["fast GPU"]
+    assert slow["data_ms_per_step"] == pytest.approx(80.0)  # 32 pairs / (100 pairs/s x 4 workers)
+    assert (slow["stage1_step_ms"], slow["stage2_step_ms"]) == pytest.approx((115.0, 215.0))  # compute-bound
+    assert (fast["stage1_step_ms"], fast["stage2_step_ms"]) == pytest.approx((95.0, 95.0))  # data-bound: 80 ms
+    assert slow["train_minutes_per_task"] == pytest.approx((1000 * 0.115 + 4000 * 0.215) / 60)
+    mvtec = slow["datasets"]["MVTec AD"]
+    assert mvtec["tasks"] == 45 and mvtec["hours"] == pytest.approx(mvtec["task_minutes"] * 45 / 60)
+    assert mvtec["task_minutes"] > slow["train_minutes_per_task"]
+
+
+def test_gpu_estimate_counts_scale_linearly_with_the_batch() -> None:
+    from dmdd_core.config import DMDDConfig
+
+    est = _load_script(SCRIPT.parent / "gpu_estimate.py")
+    cfg = DMDDConfig.preset("smoke", teacher="tf_efficientnet_lite0", batch_size=4)
+    counted_small, counted_full = est.step_flops(cfg, 2), est.step_flops(cfg, 4)
+    for key in ("stage1", "stage2", "inference_per_image"):
+        assert counted_small[key] > 0
+        assert abs(counted_small[key] - counted_full[key]) <= 1e-6 * counted_full[key], key
+    assert counted_full["stage2"] > counted_full["inference_per_image"] * cfg.batch_size
