@@ -111,6 +111,9 @@ def test_rows_hold_means_per_seed_values_and_differences_to_dmdd() -> None:
     assert by_name["destseg"]["seeds"] == [0]
     assert by_name["destseg"]["aupro"]["vs_dmdd"]["mean"] == pytest.approx(-10.0)
     assert by_name["destseg"]["aupro"]["per_seed"] == {0: 60.0}
+    assert by_name[REFERENCE]["aupro"]["vs_destseg"]["mean"] == pytest.approx(10.0)  # seed 0 only is shared
+    assert by_name["destseg"]["aupro"]["vs_destseg"] is None
+    assert ablation_rows({REFERENCE: table[REFERENCE]}, select_variants([]))[0]["aupro"]["vs_destseg"] is None
 
 
 # --- running ----------------------------------------------------------------------------------------------------
