@@ -13,7 +13,8 @@ assumed (flags)
   - ``--tflops``: the throughput the GPU sustains on these convolution nets in bf16, a low and a high value.
     An H100's dense bf16 peak is about 990 TFLOPS; small convolution nets at batch 32 reach a small fraction of
     it. The defaults, 60 and 200, are a deliberately wide range;
-  - ``--workers``: DataLoader worker processes making training pairs (default 8, on a 16-core GPU machine);
+  - ``--workers``: DataLoader worker processes making training pairs. The package's automatic choice on CUDA is
+    min(8, CPU cores - 1): 8 on a 16-core GPU machine (the default here), 1 on a 2-core Colab machine;
   - ``--step-overhead``: fixed milliseconds per step (kernel launches, optimiser, Python; default 15).
 
 A step takes max(GPU compute, data loading) + overhead, since workers prepare batches while the GPU computes.
@@ -24,7 +25,7 @@ metrics (on the CPU, measured rates from ``benchmarks/metrics_speed.py``). Datas
 Run::
 
     python benchmarks/gpu_estimate.py                          # about a minute on two CPU cores
-    python benchmarks/gpu_estimate.py --tflops 40 120 --workers 2 --seeds 1   # a Colab-like machine
+    python benchmarks/gpu_estimate.py --tflops 40 120 --workers 1 --seeds 1   # an A100 on a 2-core machine
 """
 
 from __future__ import annotations
@@ -58,7 +59,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--tflops", type=float, nargs=2, default=(60.0, 200.0), metavar=("LOW", "HIGH"),
                    help="sustained bf16 TFLOPS of the GPU on these nets, low and high (default 60 200: an H100)")
-    p.add_argument("--workers", type=int, default=8, help="DataLoader workers making training pairs (default 8)")
+    p.add_argument("--workers", type=int, default=8, help="DataLoader workers making training pairs (default 8: the "
+                   "package's automatic choice on a 16-core machine, min(8, cores - 1))")
     p.add_argument("--step-overhead", dest="step_overhead", type=float, default=15.0,
                    help="fixed milliseconds per training step (default 15)")
     p.add_argument("--seeds", type=int, default=3, help="seeds per category (default 3)")
@@ -120,7 +122,7 @@ def estimate(flops: dict[str, float], pair_rate: float, args: argparse.Namespace
         step1 = max(flops["stage1"] / rate, data_seconds) + args.step_overhead / 1000
         step2 = max(flops["stage2"] / rate, data_seconds) + args.step_overhead / 1000
         train_s = cfg.stage1_steps * step1 + cfg.stage2_steps * step2
-        checks = cfg.total_steps // cfg.checkpoint_every
+        checks = cfg.stage2_steps // cfg.checkpoint_every  # validation runs at stage-2 checkpoints
         per_dataset = {}
         for name, (categories, n_train, n_test) in DATASETS.items():
             val_images = cfg.val_fraction * n_train / categories

@@ -10,9 +10,11 @@ Two groups of *variants*, each a set of config switches applied to one base conf
 
 Every variant is trained and evaluated with the same seeds on the same categories; the table gives, per variant,
 the mean ± sample std over seeds of each metric (averaged over categories within a seed first), and the
-difference to full DMDD *paired by seed* (same seed, same synthetic anomalies, same initialisation), with the
-p-value of a paired t-test. With three seeds only a large, consistent difference reaches p < 0.05; the table
-says "within seed noise" for the rest rather than ranking them.
+difference *paired by seed* (same seed, same synthetic anomalies, same initialisation) to its reference, with the
+p-value of a paired t-test: the paper-form rows against DeSTSeg, as a paper's ablation reads, our choices against
+full DMDD. With three seeds only a large, consistent difference reaches p < 0.05; the table says "within seed
+noise" for the rest rather than ranking them. The tests are not corrected for multiple comparisons: with ten
+variants and two metrics, one p < 0.05 in twenty can come by chance.
 
 Output folder::
 
@@ -79,7 +81,8 @@ class Variant:
 
     @property
     def components(self) -> tuple[bool, bool, bool]:
-        """(decoupling, AIM, multi-perception segmentation) as in the base preset, switched."""
+        """(decoupling, AIM, multi-perception segmentation): on unless switched off, as in the presets with every
+        DMDD component (``paper``, ``fast``) that ablations start from."""
         o = self.overrides
         return bool(o.get("decouple", True)), bool(o.get("aim", True)), bool(o.get("msn", True))
 

@@ -153,7 +153,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-resume", dest="resume", action="store_false", help="train and evaluate everything again, even tasks finished before")
     p.add_argument("--merge-only", dest="merge_only", action="store_true", help="only gather the finished tasks under --out into the tables (marked incomplete if some are missing)")
 
-    p = sub.add_parser("ablate", help="train and evaluate the ablation variants (the paper's components, our own choices) with several seeds; a table of paired differences to full DMDD")
+    p = sub.add_parser("ablate", help="train and evaluate the ablation variants (the paper's components, our own choices) with several seeds; a table of paired differences (the paper's rows against DeSTSeg, our choices against full DMDD)")
     _add_common(p)
     p.add_argument("--categories", nargs="+", help="categories (default: all)")
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="seeds (default: 0 1 2)")

@@ -51,10 +51,11 @@ RESUMABLE_DIFFERENCES = {"device", "num_workers", "checkpoint_every", "teacher_w
 
 
 def loader_workers(cfg: DMDDConfig, device: torch.device) -> int:
-    """``cfg.num_workers``, or for -1 (auto): up to 4 on CUDA, keeping a core for the main process; 0 on CPU."""
+    """``cfg.num_workers``, or for -1 (auto): on CUDA up to 8, keeping a core for the main process (making the
+    synthetic pairs is what bounds a GPU step: ``benchmarks/gpu_estimate.py``); 0 on CPU."""
     if cfg.num_workers >= 0:
         return cfg.num_workers
-    return min(4, max(1, (os.cpu_count() or 1) - 1)) if device.type == "cuda" else 0
+    return min(8, max(1, (os.cpu_count() or 1) - 1)) if device.type == "cuda" else 0
 
 
 def select_device(name: str = "auto") -> torch.device:

@@ -321,3 +321,14 @@ def test_paper_preset_runs_both_stages_on_cpu(builtin_root: Path, tmp_path: Path
     assert [e["stage"] for e in result.log] == [1, 1, 2, 2]
     assert all(math.isfinite(e["loss"]) for e in result.log)
     assert torch.load(result.checkpoint, weights_only=True)["step"] == 4
+
+
+def test_automatic_loader_workers_use_spare_cores_on_cuda_only(monkeypatch: pytest.MonkeyPatch) -> None:
+    from dmdd_core.train import loader_workers
+
+    cfg = DMDDConfig.preset("smoke")
+    for cores, expected in ((2, 1), (4, 3), (16, 8), (64, 8)):
+        monkeypatch.setattr(train_module.os, "cpu_count", lambda cores=cores: cores)
+        assert loader_workers(cfg, torch.device("cuda")) == expected
+        assert loader_workers(cfg, torch.device("cpu")) == 0
+    assert loader_workers(cfg.replace(num_workers=3), torch.device("cuda")) == 3
