@@ -40,6 +40,7 @@ from typing import Any, Literal
 import numpy as np
 
 from .benchmark import (
+    CHECKPOINT_RULE,
     FIGURES_DIR,
     RESULTS_DIR,
     Task,
@@ -353,7 +354,7 @@ def write_ablation(out: str | Path, variants: Sequence[Variant], categories: Seq
         "training": f"{cfg.get('stage1_steps')} + {cfg.get('stage2_steps')} steps, batch {cfg.get('batch_size')}, "
                     f"input {cfg.get('image_size')}x{cfg.get('image_size')}, teacher {record['teacher']['name'] if record else '?'}",
         "metrics computed at": record["evaluation"].get("metric_resolution", "?") if record else "?",
-        "checkpoint rule": "last step (no checkpoint chosen on any split)",
+        "checkpoint rule": CHECKPOINT_RULE,
         "AUPRO": "reference definition (METHOD.md section 8)",
         "device": record.get("device", "?") if record else "?",
         "versions": ", ".join(f"{k} {v}" for k, v in versions().items()),

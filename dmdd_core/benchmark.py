@@ -573,12 +573,16 @@ def merge(out: str | Path, tasks: Sequence[Task] | None = None, show: bool = Tru
     return out / "results.md"
 
 
+def _published_dmdd(records: Sequence[dict[str, Any]]) -> Published | None:
+    """The paper's DMDD means for the records' dataset, or None when none were published."""
+    return next((p for p in PUBLISHED.get(_dataset_kind(records), ()) if p.method == "DMDD"), None)
+
+
 def gap_lines(records: Sequence[dict[str, Any]]) -> list[str]:
     """A Markdown table of this run's means beside the paper's DMDD means, the gap, and how much of the PRO gap
     the per-image PRO definition alone accounts for on the same maps (empty when the dataset has no published
     DMDD numbers)."""
-    kind = _dataset_kind(records)
-    paper = next((p for p in PUBLISHED.get(kind, ()) if p.method == "DMDD"), None)
+    paper = _published_dmdd(records)
     if paper is None:
         return []
     keys = ["image_auroc", "pixel_auroc", "aupro", "aupro_per_image"]
@@ -604,8 +608,7 @@ def category_figure(records: Sequence[dict[str, Any]], keys: Sequence[str] = ("i
     labels = dict(METRICS)
     summary = summarise(records, list(keys))
     categories = list(summary["categories"])
-    kind = _dataset_kind(records)
-    paper = next((p for p in PUBLISHED.get(kind, ()) if p.method == "DMDD"), None)
+    paper = _published_dmdd(records)
     fig, axes = figure(1, len(keys), size=(4.0 * len(keys), 0.32 * len(categories) + 1.6), sharey=True)
     ys = np.arange(len(categories))[::-1]
     for ax, key in zip(axes[0], keys):
