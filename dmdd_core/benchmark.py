@@ -288,6 +288,7 @@ def run_task(
         "rank": rank.rank,
         "world_size": rank.world_size,
         "device": describe_device(device),
+        "precision": result.precision,
         "versions": versions(),
         "figure": figure.name,
         "finished": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
@@ -416,7 +417,8 @@ def metadata_lines(records: Sequence[dict[str, Any]], complete: bool, total: int
         f"- checkpoint rule: {CHECKPOINT_RULE}; validation split: {first['config']['val_fraction']:.0%} of the "
         f"training images held out (thresholds of the figures' predicted masks)",
         f"- PRO: {AUPRO_DEFINITION}",
-        f"- device: {'; '.join(devices)}; ranks: {max(r['world_size'] for r in records)}",
+        f"- device: {'; '.join(devices)}; ranks: {max(r['world_size'] for r in records)}; precision: "
+        f"{'; '.join(sorted({r.get('precision', 'unrecorded') for r in records}))}",
         f"- wall time: {wall / 60:.1f} min in all (train + evaluate, summed over tasks and ranks)",
         "- versions: " + ", ".join(f"{k} {v}" for k, v in first["versions"].items()),
     ]

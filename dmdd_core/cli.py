@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from .catalog import DATASET_KINDS
-from .config import PRESETS, DMDDConfig
+from .config import AMP_MODES, PRESETS, DMDDConfig
 
 if TYPE_CHECKING:
     from .data import DataSource
@@ -63,14 +63,12 @@ def _source(args: argparse.Namespace) -> DataSource:
 
 def _config(args: argparse.Namespace) -> DMDDConfig:
     overrides: dict[str, Any] = {}
-    for name in ("seed", "teacher", "teacher_weights", "device", "image_size", "batch_size", "num_workers", "val_fraction", "texture_dir"):
+    for name in ("seed", "teacher", "teacher_weights", "device", "image_size", "batch_size", "amp", "val_fraction", "texture_dir"):
         value = getattr(args, name, None)
         if value is not None:
             overrides[name] = value
     if getattr(args, "steps", None):
         overrides["stage1_steps"], overrides["stage2_steps"] = args.steps
-    if getattr(args, "amp", False):
-        overrides["amp"] = True
     if getattr(args, "channels_last", False):
         overrides["channels_last"] = True
     for switch in ("decouple", "aim", "msn"):
@@ -96,8 +94,7 @@ def _add_common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--image-size", dest="image_size", type=int, help="network input side (multiple of 32)")
     p.add_argument("--batch-size", dest="batch_size", type=int)
     p.add_argument("--steps", type=int, nargs=2, metavar=("STAGE1", "STAGE2"), help="steps of the distillation and segmentation stages")
-    p.add_argument("--num-workers", dest="num_workers", type=int, help="DataLoader worker processes")
-    p.add_argument("--amp", action="store_true", help="bf16 autocast (CUDA only)")
+    p.add_argument("--amp", choices=AMP_MODES, help="mixed precision: auto (default: bf16 on GPUs with native bf16, compute capability >= 8.0; fp16 with a gradient scaler below, e.g. T4; fp32 on CPU), or force bf16, fp16 or off (fp32)")
     p.add_argument("--channels-last", dest="channels_last", action="store_true", help="channels_last memory format (CUDA only)")
     for switch, text in (("decouple", "normality/abnormality decoupling"), ("aim", "Abnormality Inverse Mimicking"), ("msn", "multi-perception segmentation network")):
         p.add_argument(f"--{switch}", dest=switch, action="store_true", default=None, help=f"turn on {text}")

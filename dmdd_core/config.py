@@ -110,10 +110,6 @@ class DMDDConfig:
     seed: int = 0
     checkpoint_every: int = 250
     """Steps between checkpoints; the last step is always written. Checkpoint rule: the last step. [ours]"""
-    num_workers: int = -1
-    """DataLoader worker processes for the synthetic pairs; 0 loads in the main process; -1 (auto): on CUDA up to
-    4 (leaving a core to the main process), on CPU 0, where workers would compete with the model for the cores.
-    [ours]"""
 
     # --- inference -------------------------------------------------------------------------------------------
     top_k: int = 100
@@ -123,8 +119,10 @@ class DMDDConfig:
     # --- device ----------------------------------------------------------------------------------------------
     device: str = "auto"
     """"auto" picks CUDA when available, else CPU."""
-    amp: bool = False
-    """bf16 autocast on CUDA. [ours]"""
+    amp: Literal["auto", "bf16", "fp16", "off"] = "auto"
+    """Mixed precision of training. "auto": bf16 autocast on a GPU that computes bf16 natively (compute capability
+    >= 8.0), fp16 autocast with a gradient scaler below that (T4, V100: their bf16 is emulated and slower than
+    fp32), fp32 on a CPU; "bf16", "fp16" or "off" (fp32) force one (:func:`resolve_precision`). [ours]"""
     channels_last: bool = False
     """channels_last memory format on CUDA. [ours]"""
 
@@ -156,6 +154,8 @@ class DMDDConfig:
             raise ValueError(f"aim_teacher_image must be 'augmented' or 'original', got {self.aim_teacher_image!r}")
         if self.seg_branches not in ("both", "normality"):
             raise ValueError(f"seg_branches must be 'both' or 'normality', got {self.seg_branches!r}")
+        if self.amp not in AMP_MODES:
+            raise ValueError(f"amp must be one of {', '.join(AMP_MODES)}, got {self.amp!r}")
         if self.ngm_region not in ("all", "normal"):
             raise ValueError(f"ngm_region must be 'all' or 'normal', got {self.ngm_region!r}")
 
@@ -192,10 +192,45 @@ class DMDDConfig:
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> DMDDConfig:
         known = {f.name for f in dataclasses.fields(cls)}
-        return cls(**{k: v for k, v in d.items() if k in known})
+        return cls(**normalise_saved({k: v for k, v in d.items() if k in known}))
 
     def to_json(self) -> str:
         return json.dumps(self.to_dict(), indent=2)
+
+
+AMP_MODES: tuple[str, ...] = ("auto", "bf16", "fp16", "off")
+"""Values of ``amp``."""
+Precision = Literal["bf16", "fp16", "fp32"]
+
+
+def normalise_saved(d: dict[str, Any]) -> dict[str, Any]:
+    """A config dict as saved by an earlier version, in today's values: ``amp`` was a bool (bf16 on CUDA)."""
+    if isinstance(d.get("amp"), bool):
+        d = {**d, "amp": "bf16" if d["amp"] else "off"}
+    return d
+
+
+def resolve_precision(amp: str, device_type: str, capability: tuple[int, int] | None = None) -> Precision:
+    """The precision a run computes in: ``amp`` ("auto", "bf16", "fp16" or "off") on a device of ``device_type``
+    ("cuda", "cpu", ...) whose CUDA compute capability is ``capability`` (asked of the current GPU when None).
+
+    "auto": bf16 where the GPU has bf16 arithmetic (compute capability >= 8.0: A100, RTX 30xx and later, H100),
+    fp16 below that (T4 is 7.5, V100 7.0: torch reports bf16 as supported there, but emulates it), fp32 off CUDA.
+    A forced mode is kept on any device (autocast runs on a CPU too, slowly). [ours]
+    """
+    if amp not in AMP_MODES:
+        raise ValueError(f"amp must be one of {', '.join(AMP_MODES)}, got {amp!r}")
+    if amp == "off":
+        return "fp32"
+    if amp != "auto":
+        return amp  # type: ignore[return-value]
+    if device_type != "cuda":
+        return "fp32"
+    if capability is None:
+        import torch
+
+        capability = torch.cuda.get_device_capability()
+    return "bf16" if capability >= (8, 0) else "fp16"
 
 
 def is_fast_mode() -> bool:

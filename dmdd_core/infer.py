@@ -151,6 +151,8 @@ class Evaluation:
     ``resolution``) or "original" (each test image at its own size, as MVTec AD's official evaluation)."""
     metric_sizes: dict[str, int] = field(default_factory=dict)
     """The sizes the pixel metrics were computed at, "WxH" -> number of images."""
+    training_precision: str = "unrecorded"
+    """The precision the model was trained in (fp32, bf16, fp16); evaluation itself runs in fp32."""
 
     @property
     def metric_resolution_text(self) -> str:
@@ -171,6 +173,7 @@ class Evaluation:
             "data": self.data,
             "resolution": self.resolution,
             "seed": self.seed,
+            "training_precision": self.training_precision,
             "checkpoint_rule": self.checkpoint_rule,
             "metric_resolution": self.metric_resolution_text,
             "metric_resolution_setting": self.metric_resolution,
@@ -194,7 +197,7 @@ class Evaluation:
             f"[{self.split} split, {self.num_images} images, "
             + (f"{self.resolution}x{self.resolution}" if self.metric_resolution == "input"
                else f"input {self.resolution}x{self.resolution}, metrics at {self.metric_resolution_text}")
-            + f", seed {self.seed}"
+            + f", seed {self.seed}, trained in {self.training_precision}"
             + (f"; {self.input_report.summary()}" if self.input_report.summary() else "")
             + "]"
         )
@@ -320,6 +323,7 @@ def evaluate(
         baseline=base,
         resolution=size,
         seed=cfg.seed,
+        training_precision=model.training_precision,
         num_images=len(dataset),
         num_defective=int(preds.labels.sum()),
         split=split,

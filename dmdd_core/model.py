@@ -321,6 +321,9 @@ class DMDD(nn.Module):
     """Teacher, decoupled student and segmentation network. With ``decouple``, ``aim`` and ``msn`` off it is
     DeSTSeg. Inputs are images in [0, 1]; normalisation is the teacher's own."""
 
+    training_precision: str = "unrecorded"
+    """The precision its weights were trained in ("fp32", "bf16", "fp16"), set by training and checkpoints."""
+
     def __init__(self, cfg: DMDDConfig, teacher: Teacher | None = None) -> None:
         super().__init__()
         self.cfg = cfg

@@ -102,7 +102,7 @@ def quickstart(
         f"labelled test images) and val split ({cfg.val_fraction:.0%} of the training images held out, synthetic "
         f"anomalies) at {cfg.image_size}x{cfg.image_size}; seed {cfg.seed}; checkpoint rule: last step; "
         f"bad files skipped: {skipped}; "
-        f"device {next(result.model.parameters()).device}; torch {torch.__version__}; {platform.platform()}"
+        f"device {next(result.model.parameters()).device}, precision {result.precision}; torch {torch.__version__}; {platform.platform()}"
     )
     print("\n" + table + "\n\n" + meta)
     atomic_write_text(f"# Quickstart results\n\n{table}\n\n{meta}\n", out / "results.md")

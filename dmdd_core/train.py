@@ -5,8 +5,8 @@ L = L_NGM + lambda * L_AIM; the segmentation network is untouched.
 Stage 2 (the remaining steps): the student is frozen in eval mode; the segmentation network learns the synthetic
 masks with focal + L1 loss.
 
-The batch of step s is a pure function of (seed, s) (see ``SyntheticPairDataset``), and the checkpoint holds
-the model, both optimisers, the random state and the log, so a run interrupted at any checkpoint and resumed
+The batch of step s is a pure function of (seed, s), made on the training device (see ``SyntheticPairs``), and
+the checkpoint holds the model, both optimisers, the gradient scaler, the random state and the log, so a run interrupted at any checkpoint and resumed
 ends with exactly the weights of an uninterrupted run. Checkpoint rule: the last step; no checkpoint is ever
 chosen on test data. [ours]
 """
@@ -26,15 +26,13 @@ from typing import Any
 import numpy as np
 import torch
 from torch import Tensor
-from torch.utils.data import DataLoader
 
-from .config import DMDDConfig, progress_disabled
+from .config import DMDDConfig, Precision, normalise_saved, progress_disabled, resolve_precision
 from .data import (
     CategoryData,
     DataSource,
     InputReport,
-    StreamBatchSampler,
-    SyntheticPairDataset,
+    SyntheticPairs,
     TrainPair,
     ValidationDataset,
     as_source,
@@ -47,15 +45,26 @@ CHECKPOINT_NAME = "checkpoint.pt"
 LOG_NAME = "log.json"
 CHECKPOINT_FORMAT = 1
 #: Fields that may differ between an interrupted run and its resumption.
-RESUMABLE_DIFFERENCES = {"device", "num_workers", "checkpoint_every", "teacher_weights", "preset_name"}
+RESUMABLE_DIFFERENCES = {"device", "amp", "channels_last", "checkpoint_every", "teacher_weights", "preset_name"}
+TIMING_KEYS = ("step", "stage", "seconds", "data_seconds")
+"""Log entry fields that are not losses."""
+AUTOCAST_DTYPES: dict[str, torch.dtype] = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
 
-def loader_workers(cfg: DMDDConfig, device: torch.device) -> int:
-    """``cfg.num_workers``, or for -1 (auto): on CUDA up to 8, keeping a core for the main process (making the
-    synthetic pairs is what bounds a GPU step: ``benchmarks/gpu_estimate.py``); 0 on CPU."""
-    if cfg.num_workers >= 0:
-        return cfg.num_workers
-    return min(8, max(1, (os.cpu_count() or 1) - 1)) if device.type == "cuda" else 0
+def precision_for(cfg: DMDDConfig, device: torch.device) -> Precision:
+    """The precision ``cfg.amp`` gives on ``device`` (:func:`~dmdd_core.config.resolve_precision`)."""
+    return resolve_precision(cfg.amp, device.type)
+
+
+def autocast_for(precision: Precision, device: torch.device) -> torch.autocast:
+    """The autocast context of ``precision`` on ``device`` (disabled for fp32)."""
+    return torch.autocast(device_type=device.type, dtype=AUTOCAST_DTYPES.get(precision, torch.bfloat16),
+                          enabled=precision != "fp32")
+
+
+def grad_scaler_for(precision: Precision, device: torch.device) -> torch.amp.GradScaler:
+    """A gradient scaler, enabled for fp16 only: fp16 gradients underflow without one; bf16 has fp32's range."""
+    return torch.amp.GradScaler(device.type, enabled=precision == "fp16")
 
 
 def select_device(name: str = "auto") -> torch.device:
@@ -142,16 +151,23 @@ def train_step(
     stage: int,
     optimizer: torch.optim.Optimizer,
     autocast: torch.autocast,
+    scaler: torch.amp.GradScaler | None = None,
 ) -> dict[str, Tensor]:
     """One optimisation step of ``stage`` (1: distillation, 2: segmentation), with the train/eval modes that
-    stage needs: the student trains in stage 1 and is frozen in eval mode in stage 2."""
+    stage needs: the student trains in stage 1 and is frozen in eval mode in stage 2. With an enabled ``scaler``
+    (fp16) the loss is scaled before the backward pass and the step skipped when a gradient overflowed."""
     model.student.train(stage == 1)
     model.segmentation.train(stage == 2)
     with autocast:
         losses = distillation_step(model, batch, cfg) if stage == 1 else segmentation_step(model, batch, cfg)
     optimizer.zero_grad(set_to_none=True)
-    losses["loss"].backward()
-    optimizer.step()
+    if scaler is None or not scaler.is_enabled():
+        losses["loss"].backward()
+        optimizer.step()
+    else:
+        scaler.scale(losses["loss"]).backward()
+        scaler.step(optimizer)
+        scaler.update()
     return losses
 
 
@@ -166,12 +182,24 @@ class TrainResult:
     """Validation-split metrics during training and the thresholds chosen on it (empty without a val split)."""
     input_report: InputReport
     """Training and validation files skipped with ``skip_bad``."""
+    precision: str = "fp32"
+    """The precision it trained in (:func:`precision_summary`), e.g. "bf16", or "fp32 then bf16" for a run resumed
+    on another device."""
+
+
+def precision_summary(sessions: list[dict[str, Any]], default: str = "unrecorded") -> str:
+    """The precisions of a run's sessions in order, repeats merged: "bf16", "fp32 then bf16"."""
+    names: list[str] = []
+    for session in sessions:
+        if not names or names[-1] != session["precision"]:
+            names.append(session["precision"])
+    return " then ".join(names) or default
 
 
 def saved_config(saved: dict[str, Any]) -> dict[str, Any]:
     """A saved config with the fields it predates filled in with their defaults (a field added later keeps the
     behaviour the run was made with only when its default is that behaviour, which is how fields are added)."""
-    return {**DMDDConfig().to_dict(), **saved}
+    return {**DMDDConfig().to_dict(), **normalise_saved(saved)}
 
 
 def _check_resumable(saved: dict[str, Any], cfg: DMDDConfig, path: Path) -> None:
@@ -221,6 +249,7 @@ def model_from_state(state: dict[str, Any]) -> DMDD:
     teacher.source = state["teacher"]["source"]
     model = DMDD(DMDDConfig.from_dict(state["config"]), teacher=teacher)
     model.load_state_dict(state["model"])
+    model.training_precision = str(state.get("precision", "unrecorded"))
     return model
 
 
@@ -279,12 +308,13 @@ def train(
     else:
         category_data = CategoryData.from_config(as_source(data), category, cfg, skip_bad=skip_bad, progress=progress)
     textures = default_textures(category, cfg)
-    dataset = SyntheticPairDataset.from_config(category_data, category, cfg, textures)
+    pairs = SyntheticPairs.from_config(category_data, category, cfg, textures, device=device)
     val = ValidationDataset.from_config(category_data, cfg, textures) if category_data.val_paths else None
     validation: dict[str, Any] = {"history": [], "num_images": len(category_data.val_paths)}
 
     seed_everything(cfg.seed)
     start_step, log = 0, []
+    sessions: list[dict[str, Any]] = []
     state: dict[str, Any] | None = None
     if resume and ckpt_path.is_file():
         state = _read_checkpoint(ckpt_path)
@@ -297,6 +327,7 @@ def train(
         torch.set_rng_state(state["rng_cpu"])
         start_step, log = int(state["step"]), list(state["log"])
         validation = dict(state.get("validation") or validation)
+        sessions = list(state.get("sessions") or [])
     else:
         if teacher is None:
             teacher = build_teacher(cfg)
@@ -314,6 +345,11 @@ def train(
     _move_optimizer(opt_seg, device)
     if use_cuda and state is not None and state.get("rng_cuda"):
         torch.cuda.set_rng_state_all(list(state["rng_cuda"]))
+    precision = precision_for(cfg, device)
+    scaler = grad_scaler_for(precision, device)
+    if state is not None and state.get("scaler") and scaler.is_enabled():
+        scaler.load_state_dict(state["scaler"])
+    sessions.append({"start_step": start_step, "device": str(device), "precision": precision})
 
     def save(step: int) -> None:
         atomic_save(
@@ -336,6 +372,9 @@ def train(
                 "model": model.state_dict(),
                 "opt_student": opt_student.state_dict(),
                 "opt_seg": opt_seg.state_dict(),
+                "scaler": scaler.state_dict(),
+                "precision": precision_summary(sessions),
+                "sessions": sessions,
                 "rng_cpu": torch.get_rng_state(),
                 "rng_cuda": torch.cuda.get_rng_state_all() if use_cuda else [],
                 "log": log,
@@ -348,6 +387,8 @@ def train(
             "data": category_data.source.describe(),
             "num_train_images": len(category_data.train_paths),
             "input_report": category_data.report.to_dict(),
+            "precision": precision_summary(sessions),
+            "sessions": sessions,
             "validation": validation,
             "log": log,
         }
@@ -356,39 +397,33 @@ def train(
     total = cfg.total_steps
     stop = total if stop_at_step is None else min(total, stop_at_step)
     def result() -> TrainResult:
-        return TrainResult(model.eval(), log, ckpt_path, start_step, validation, category_data.report)
+        model.training_precision = precision_summary(sessions)
+        return TrainResult(model.eval(), log, ckpt_path, start_step, validation, category_data.report,
+                           precision_summary(sessions))
 
     if start_step >= stop:
+        sessions.pop()  # nothing trained in this session
         return result()
 
-    loader = DataLoader(
-        dataset,
-        batch_sampler=StreamBatchSampler(cfg.batch_size, stop - start_step, start_step),
-        num_workers=loader_workers(cfg, device),
-        pin_memory=use_cuda,
-        persistent_workers=False,
-        # An explicit generator keeps the loader from drawing from the global random state, which the
-        # checkpoint restores: resumed runs then see the same dropout masks as uninterrupted ones.
-        generator=torch.Generator(),
-    )
     bar = tqdm(total=total, initial=start_step, desc=f"DMDD {category}", disable=progress_disabled(progress), file=sys.stderr)
-    autocast = torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=use_cuda and cfg.amp)
+    autocast = autocast_for(precision, device)
     step = start_step
-    started = time.perf_counter()
+    started = step_started = time.perf_counter()
     stopped_cleanly = False
     with StopRequest() as stop_request:
         try:
-            for batch in loader:
-                batch = TrainPair(*(t.to(device, non_blocking=True) for t in batch))
+            for batch in pairs.batches(start_step, stop):
+                data_seconds = time.perf_counter() - step_started
                 if memory_format is torch.channels_last:
                     batch = TrainPair(*(t.contiguous(memory_format=memory_format) for t in batch))
                 stage = 1 if step < cfg.stage1_steps else 2
-                losses = train_step(model, batch, cfg, stage, opt_student if stage == 1 else opt_seg, autocast)
+                losses = train_step(model, batch, cfg, stage, opt_student if stage == 1 else opt_seg, autocast, scaler)
                 step += 1
                 entry = {"step": step, "stage": stage, **{k: float(v.detach()) for k, v in losses.items()}}
                 entry["seconds"] = round(time.perf_counter() - started, 3)
+                entry["data_seconds"] = round(data_seconds, 4)
                 log.append(entry)
-                bar.set_postfix({k: f"{v:.4f}" for k, v in entry.items() if k not in ("step", "stage", "seconds")}, refresh=False)
+                bar.set_postfix({k: f"{v:.4f}" for k, v in entry.items() if k not in TIMING_KEYS}, refresh=False)
                 bar.set_description(f"DMDD {category} stage {stage}")
                 bar.update(1)
                 due = step % cfg.checkpoint_every == 0 or step == stop or step == cfg.stage1_steps
@@ -410,6 +445,7 @@ def train(
                     bar.close()
                     print(f"\nstopped after step {step}; checkpoint saved to {ckpt_path}; run again to resume", file=sys.stderr)
                     raise KeyboardInterrupt
+                step_started = time.perf_counter()  # the next batch's synthesis starts now
         except KeyboardInterrupt:
             if stop_request.requested and not stopped_cleanly:
                 # The second signal: the running step may be half done, so the last checkpoint stays as it is.

@@ -18,8 +18,7 @@ from dmdd_core.data import (
     BUILTIN_CATEGORIES,
     DEFECT_TYPES,
     CategoryData,
-    StreamBatchSampler,
-    SyntheticPairDataset,
+    SyntheticPairs,
     TestDataset,
     TestSample,
     TrainPair,
@@ -30,7 +29,6 @@ from dmdd_core.data import (
     list_train_images,
     load_image,
     load_mask,
-    stream_indices,
 )
 from dmdd_core.data import builtin as builtin_module
 from dmdd_core.synthesis import TextureSource
@@ -126,57 +124,64 @@ def test_test_dataset_pairs_images_labels_and_masks(tmp_path: Path) -> None:
     assert batch.defect_type[3] == "good" and batch.path[0].endswith("000.png")
 
 
-def _pairs(root: Path, category: str, textures: TextureSource, seed: int) -> SyntheticPairDataset:
-    """Training pairs of every training image of ``root/category`` at 32x32 (no validation split)."""
+def _pairs(root: Path, category: str, textures: TextureSource, seed: int, batch_size: int = 4) -> SyntheticPairs:
+    """Training batches of every training image of ``root/category`` at 32x32 (no validation split)."""
     images = CategoryData.load(root, category, 32, val_fraction=0.0).train_images
-    return SyntheticPairDataset(images, category, textures, seed=seed)
+    return SyntheticPairs(images, category, textures, batch_size=batch_size, seed=seed)
 
 
-def test_synthetic_pairs_are_a_function_of_seed_and_stream_index(tmp_path: Path, textures: TextureSource) -> None:
+def test_synthetic_pairs_are_a_function_of_seed_and_step(tmp_path: Path, textures: TextureSource) -> None:
     make_mvtec_tree(tmp_path, "bottle", n_train=4, defects={})
-    dataset = _pairs(tmp_path, "bottle", textures, seed=5)
-    assert len(dataset) == 4
-    pair = dataset[3]
-    assert isinstance(pair, TrainPair)
-    assert pair.original.shape == (3, 32, 32) and pair.augmented.shape == (3, 32, 32)
-    assert pair.mask.shape == (1, 32, 32) and set(pair.mask.unique().tolist()) <= {0.0, 1.0}
-    assert 0.0 <= pair.augmented.min() and pair.augmented.max() <= 1.0
-    outside = pair.mask.expand(3, -1, -1) == 0
-    assert torch.equal(pair.augmented[outside], pair.original[outside])
-
-    again = _pairs(tmp_path, "bottle", textures, seed=5)[3]
-    for a, b in zip(pair, again, strict=True):
-        assert torch.equal(a, b)
-    assert not torch.equal(dataset[4].augmented, pair.augmented)
-    assert not torch.equal(_pairs(tmp_path, "bottle", textures, seed=6)[3].augmented, pair.augmented)
-    assert any(dataset[k].mask.sum() > 0 for k in range(10))
-    with pytest.raises(IndexError):
-        dataset[-1]
-
-
-def test_stream_batches_collate_and_resume(tmp_path: Path, textures: TextureSource) -> None:
-    make_mvtec_tree(tmp_path, "wood", n_train=3, defects={})
-    dataset = _pairs(tmp_path, "wood", textures, seed=1)
-    assert stream_indices(2, 4) == [8, 9, 10, 11]
-    batches = list(DataLoader(dataset, batch_sampler=StreamBatchSampler(batch_size=4, num_steps=3)))
-    assert len(batches) == 3
-    batch = batches[2]
+    pairs = _pairs(tmp_path, "bottle", textures, seed=5)
+    assert len(pairs) == 4
+    batch = pairs.batch(3)
     assert isinstance(batch, TrainPair)
-    assert batch.original.shape == (4, 3, 32, 32) and batch.mask.shape == (4, 1, 32, 32)
-    resumed = next(iter(DataLoader(dataset, batch_sampler=StreamBatchSampler(4, num_steps=1, start_step=2))))
-    for a, b in zip(batch, resumed, strict=True):
+    assert batch.original.shape == (4, 3, 32, 32) and batch.augmented.shape == (4, 3, 32, 32)
+    assert batch.mask.shape == (4, 1, 32, 32) and set(batch.mask.unique().tolist()) <= {0.0, 1.0}
+    assert 0.0 <= batch.augmented.min() and batch.augmented.max() <= 1.0
+    outside = batch.mask.expand(-1, 3, -1, -1) == 0
+    assert torch.equal(batch.augmented[outside], batch.original[outside])
+
+    again = _pairs(tmp_path, "bottle", textures, seed=5).batch(3)
+    for a, b in zip(batch, again, strict=True):
         assert torch.equal(a, b)
+    assert not torch.equal(pairs.batch(4).augmented, batch.augmented)
+    assert not torch.equal(_pairs(tmp_path, "bottle", textures, seed=6).batch(3).augmented, batch.augmented)
+    assert any(pairs.batch(k).mask.sum() > 0 for k in range(3))
+    with pytest.raises(IndexError):
+        pairs.batch(-1)
 
 
-def test_synthetic_dataset_from_config(tmp_path: Path) -> None:
+def test_batches_resume_at_any_step(tmp_path: Path, textures: TextureSource) -> None:
+    make_mvtec_tree(tmp_path, "wood", n_train=3, defects={})
+    pairs = _pairs(tmp_path, "wood", textures, seed=1)
+    batches = list(pairs.batches(0, 3))
+    assert len(batches) == 3
+    resumed = next(pairs.batches(2, 3))
+    for a, b in zip(batches[2], resumed, strict=True):
+        assert torch.equal(a, b)
+    # every training image is drawn, each from the category's own images (rotated by wood's small policy)
+    originals = torch.cat([b.original for b in pairs.batches(0, 10)])
+    assert originals.shape == (40, 3, 32, 32)
+
+
+def test_synthetic_pairs_from_config(tmp_path: Path) -> None:
     make_mvtec_tree(tmp_path, "brick", n_train=2, defects={})
     cfg = DMDDConfig.preset("smoke", seed=3, rotate=False)
-    dataset = SyntheticPairDataset.from_config(tmp_path, "brick", cfg)
-    assert dataset.image_size == cfg.image_size and dataset.seed == 3 and not dataset.rotate
-    assert "skimage:brick" not in dataset.textures.names
-    assert dataset[0].original.shape == (3, cfg.image_size, cfg.image_size)
+    pairs = SyntheticPairs.from_config(tmp_path, "brick", cfg)
+    assert pairs.image_size == cfg.image_size and pairs.seed == 3 and not pairs.rotate
+    assert pairs.batch_size == cfg.batch_size
+    assert "skimage:brick" not in pairs.textures.names
+    batch = pairs.batch(0)
+    assert batch.original.shape == (cfg.batch_size, 3, cfg.image_size, cfg.image_size)
+    # without rotation the originals are training images exactly
+    train = torch.from_numpy(CategoryData.from_config(tmp_path, "brick", cfg).train_images).permute(0, 3, 1, 2)
+    for image in batch.original:
+        assert any(torch.equal((image * 255).round().to(torch.uint8), t) for t in train)
     with pytest.raises(FileNotFoundError, match="no_such_dir"):
-        SyntheticPairDataset.from_config(tmp_path, "brick", cfg.replace(texture_dir=str(tmp_path / "no_such_dir")))
+        SyntheticPairs.from_config(tmp_path, "brick", cfg.replace(texture_dir=str(tmp_path / "no_such_dir")))
+    with pytest.raises(ValueError, match="batch_size"):
+        SyntheticPairs(np.zeros((1, 8, 8, 3), np.uint8), "brick", pairs.textures, batch_size=0)
 
 
 # --- the built-in dataset ----------------------------------------------------------------------------------------

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import math
 import signal
 import time
@@ -13,7 +14,7 @@ import torch
 from torch import Tensor
 
 import dmdd_core.train as train_module
-from dmdd_core.config import DMDDConfig
+from dmdd_core.config import DMDDConfig, resolve_precision
 from dmdd_core.train import CHECKPOINT_NAME, LOG_NAME, TrainResult, load_checkpoint, train
 
 CATEGORY = "brick"
@@ -29,7 +30,7 @@ def snapshot(result: TrainResult) -> dict[str, Tensor]:
 
 
 def losses_of(log: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    return [{k: v for k, v in entry.items() if k != "seconds"} for entry in log]
+    return [{k: v for k, v in entry.items() if k not in ("seconds", "data_seconds")} for entry in log]
 
 
 def assert_same_state(a: dict[str, Tensor], b: dict[str, Tensor]) -> None:
@@ -323,12 +324,80 @@ def test_paper_preset_runs_both_stages_on_cpu(builtin_root: Path, tmp_path: Path
     assert torch.load(result.checkpoint, weights_only=True)["step"] == 4
 
 
-def test_automatic_loader_workers_use_spare_cores_on_cuda_only(monkeypatch: pytest.MonkeyPatch) -> None:
-    from dmdd_core.train import loader_workers
+# --- mixed precision chosen by the hardware -------------------------------------------------------------------------
+@pytest.mark.parametrize(
+    "amp,device,capability,expected",
+    [
+        ("auto", "cuda", (7, 5), "fp16"),  # T4: bf16 only emulated
+        ("auto", "cuda", (7, 0), "fp16"),  # V100
+        ("auto", "cuda", (8, 0), "bf16"),  # A100
+        ("auto", "cuda", (8, 6), "bf16"),  # RTX 30xx
+        ("auto", "cuda", (9, 0), "bf16"),  # H100
+        ("auto", "cpu", None, "fp32"),
+        ("off", "cuda", (9, 0), "fp32"),
+        ("fp16", "cuda", (9, 0), "fp16"),
+        ("bf16", "cuda", (7, 5), "bf16"),
+        ("bf16", "cpu", None, "bf16"),
+    ],
+)
+def test_precision_follows_the_hardware(amp: str, device: str, capability: tuple[int, int] | None, expected: str) -> None:
+    assert resolve_precision(amp, device, capability) == expected
 
-    cfg = DMDDConfig.preset("smoke")
-    for cores, expected in ((2, 1), (4, 3), (16, 8), (64, 8)):
-        monkeypatch.setattr(train_module.os, "cpu_count", lambda cores=cores: cores)
-        assert loader_workers(cfg, torch.device("cuda")) == expected
-        assert loader_workers(cfg, torch.device("cpu")) == 0
-    assert loader_workers(cfg.replace(num_workers=3), torch.device("cuda")) == 3
+
+def test_auto_precision_asks_the_gpu_its_capability(monkeypatch: pytest.MonkeyPatch) -> None:
+    cfg = random_teacher_smoke()
+    assert cfg.amp == "auto"
+    for capability, expected in (((7, 5), "fp16"), ((8, 0), "bf16")):
+        monkeypatch.setattr(torch.cuda, "get_device_capability", lambda *a, c=capability: c)
+        assert train_module.precision_for(cfg, torch.device("cuda")) == expected
+    assert train_module.precision_for(cfg, torch.device("cpu")) == "fp32"
+    with pytest.raises(ValueError, match="amp must be one of"):
+        resolve_precision("fp8", "cuda", (9, 0))
+    with pytest.raises(ValueError, match="amp must be one of"):
+        random_teacher_smoke(amp="half")
+
+
+def test_only_fp16_gets_a_gradient_scaler() -> None:
+    cpu = torch.device("cpu")
+    assert train_module.grad_scaler_for("fp16", cpu).is_enabled()
+    assert not train_module.grad_scaler_for("bf16", cpu).is_enabled()
+    assert not train_module.grad_scaler_for("fp32", cpu).is_enabled()
+    assert train_module.autocast_for("fp16", cpu).fast_dtype == torch.float16
+    assert train_module.autocast_for("bf16", cpu).fast_dtype == torch.bfloat16
+
+
+def test_configs_saved_with_a_boolean_amp_still_load() -> None:
+    assert DMDDConfig.from_dict({**random_teacher_smoke().to_dict(), "amp": True}).amp == "bf16"
+    assert DMDDConfig.from_dict({**random_teacher_smoke().to_dict(), "amp": False}).amp == "off"
+    assert train_module.saved_config({"amp": False})["amp"] == "off"
+
+
+def test_the_precision_is_in_the_log_the_checkpoint_and_the_report(builtin_root: Path, smoke_run: TrainResult) -> None:
+    from dmdd_core.infer import evaluate
+
+    assert smoke_run.precision == "fp32"  # a CPU run in auto mode
+    state = torch.load(smoke_run.checkpoint, weights_only=True)
+    assert state["precision"] == "fp32" and state["sessions"][0]["precision"] == "fp32"
+    log = json.loads((smoke_run.checkpoint.parent / LOG_NAME).read_text())
+    assert log["precision"] == "fp32"
+    model, _ = load_checkpoint(smoke_run.checkpoint)
+    ev = evaluate(model, builtin_root, CATEGORY)
+    assert "trained in fp32" in ev.summary() and ev.to_dict()["training_precision"] == "fp32"
+
+
+def test_fp16_with_a_gradient_scaler_trains_and_resumes_exactly(builtin_root: Path, tmp_path: Path) -> None:
+    """Forced fp16 on the CPU (autocast and the scaler run there too): the scaler's state is checkpointed, so an
+    interrupted fp16 run resumes to the same weights."""
+    cfg = random_teacher_smoke(amp="fp16")
+    whole = train(cfg, builtin_root, CATEGORY, tmp_path / "whole", progress=False)
+    assert whole.precision == "fp16" and all(math.isfinite(e["loss"]) for e in whole.log)
+    state = torch.load(whole.checkpoint, weights_only=True)
+    assert state["precision"] == "fp16" and state["scaler"]["scale"] > 0
+    train(cfg, builtin_root, CATEGORY, tmp_path / "split", stop_at_step=1, progress=False)
+    resumed = train(cfg, builtin_root, CATEGORY, tmp_path / "split", progress=False)
+    assert resumed.resumed_from == 1
+    assert_same_state(snapshot(resumed), snapshot(whole))
+    assert losses_of(resumed.log) == losses_of(whole.log)
+    assert whole.log[0]["loss"] != pytest.approx(
+        train(random_teacher_smoke(), builtin_root, CATEGORY, tmp_path / "fp32", progress=False).log[0]["loss"], abs=1e-7
+    )

@@ -8,8 +8,7 @@ from dmdd_core.data.datasets import (
     CategoryData,
     LabelledDataset,
     Sample,
-    StreamBatchSampler,
-    SyntheticPairDataset,
+    SyntheticPairs,
     TestDataset,
     TestSample,
     TrainPair,
@@ -17,7 +16,6 @@ from dmdd_core.data.datasets import (
     default_textures,
     images_to_tensor,
     split_train_val,
-    stream_indices,
 )
 from dmdd_core.data.loading import (
     BadInputError,
@@ -64,8 +62,7 @@ __all__ = [
     "MVTecLayout",
     "Problem",
     "Sample",
-    "StreamBatchSampler",
-    "SyntheticPairDataset",
+    "SyntheticPairs",
     "TestDataset",
     "TestItem",
     "TestSample",
@@ -88,5 +85,4 @@ __all__ = [
     "open_source",
     "source_from_description",
     "split_train_val",
-    "stream_indices",
 ]

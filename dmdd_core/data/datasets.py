@@ -22,11 +22,11 @@ from typing import TYPE_CHECKING, NamedTuple
 import numpy as np
 import torch
 from torch import Tensor
-from torch.utils.data import Dataset, Sampler
+from torch.utils.data import Dataset
 
 from dmdd_core.data.loading import InputReport, load_images, load_test_items
 from dmdd_core.data.sources import GOOD, DataSource, as_source
-from dmdd_core.synthesis import TextureSource, rotate_for_category, synthesize_anomaly
+from dmdd_core.synthesis import TextureSource, step_generator, synthesize_anomalies
 
 if TYPE_CHECKING:
     from collections.abc import Iterator, Sequence
@@ -38,14 +38,14 @@ SYNTHETIC = "synthetic"
 
 
 class TrainPair(NamedTuple):
-    """One training triple (I_orig, I_aug, M); batches through ``default_collate`` field by field. [paper]"""
+    """A batch of training triples (I_orig, I_aug, M). [paper]"""
 
     original: Tensor
-    """(3,S,S) float [0,1], the normal image (after the category's rotation)."""
+    """(B,3,S,S) float [0,1], the normal images (after the category's rotation)."""
     augmented: Tensor
-    """(3,S,S) float [0,1], the same image with a synthetic anomaly."""
+    """(B,3,S,S) float [0,1], the same images with a synthetic anomaly."""
     mask: Tensor
-    """(1,S,S) float {0,1}, where the anomaly was pasted (may be empty)."""
+    """(B,1,S,S) float {0,1}, where the anomaly was pasted (may be empty)."""
 
 
 class Sample(NamedTuple):
@@ -157,13 +157,14 @@ def default_textures(category: str, cfg: DMDDConfig) -> TextureSource:
 
 
 # --- training pairs ----------------------------------------------------------------------------------------------
-class SyntheticPairDataset(Dataset[TrainPair]):
-    """Training pairs, indexed by a stream index k >= 0 rather than by image. [DeSTSeg recipe; indexing ours]
+class SyntheticPairs:
+    """The training batches of a run: batch s is a pure function of (seed, s). [DeSTSeg recipe; batching ours]
 
-    ``self[k]`` draws everything from ``np.random.default_rng([seed, k])``: which training image, its rotation
-    (if ``rotate``), the mask, the texture and beta. The batch of training step s (indices
-    :func:`stream_indices`) is therefore a pure function of (seed, s), which makes resuming exact.
-    ``len()`` is the number of training images; they are held in memory, decoded and resized, as uint8.
+    ``batch(s)`` draws everything from :func:`~dmdd_core.synthesis.step_generator` ``(seed, s)``: which training
+    images (uniformly, with replacement), their rotation (if ``rotate``), the masks, the textures and beta, then
+    runs :func:`~dmdd_core.synthesis.synthesize_anomalies` on ``device``. Resuming at step s therefore gives
+    the batches an uninterrupted run would have seen. The training images are held on ``device`` as one
+    (N,3,S,S) uint8 tensor, the textures as uint8 tensors decoded once.
     """
 
     def __init__(
@@ -171,19 +172,26 @@ class SyntheticPairDataset(Dataset[TrainPair]):
         images: np.ndarray,
         category: str,
         textures: TextureSource,
+        *,
+        batch_size: int,
         seed: int = 0,
         rotate: bool = True,
         beta_max: float = 0.8,
         max_scale_exp: int = 5,
         threshold: float = 0.5,
         match_grayscale: bool = True,
+        device: torch.device | str = "cpu",
     ) -> None:
         if images.ndim != 4 or images.shape[3] != 3 or images.dtype != np.uint8 or len(images) == 0:
             raise ValueError(f"images must be a non-empty (N,S,S,3) uint8 array, got {images.dtype} {images.shape}")
-        self.images = images
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        self.device = torch.device(device)
+        self.images = torch.from_numpy(np.ascontiguousarray(images.transpose(0, 3, 1, 2))).to(self.device)
         self.category = category
         self.image_size = int(images.shape[1])
         self.textures = textures
+        self.batch_size = batch_size
         self.seed = seed
         self.rotate = rotate
         self.beta_max = beta_max
@@ -198,7 +206,8 @@ class SyntheticPairDataset(Dataset[TrainPair]):
         category: str,
         cfg: DMDDConfig,
         textures: TextureSource | None = None,
-    ) -> SyntheticPairDataset:
+        device: torch.device | str = "cpu",
+    ) -> SyntheticPairs:
         """The training share of ``data`` (a dataset root, a source, or already loaded), honouring ``cfg``."""
         if not isinstance(data, CategoryData):
             data = CategoryData.from_config(data, category, cfg)
@@ -206,61 +215,43 @@ class SyntheticPairDataset(Dataset[TrainPair]):
             data.train_images,
             category,
             textures if textures is not None else default_textures(category, cfg),
+            batch_size=cfg.batch_size,
             seed=cfg.seed,
             rotate=cfg.rotate,
             beta_max=cfg.beta_max,
             max_scale_exp=cfg.perlin_max_scale_exp,
             threshold=cfg.perlin_threshold,
             match_grayscale=cfg.match_grayscale,
+            device=device,
         )
 
     def __len__(self) -> int:
+        """The number of training images."""
         return len(self.images)
 
-    def normal_image(self, index: int) -> np.ndarray:
-        """Training image ``index`` as (S,S,3) float32 [0,1]."""
-        return self.images[index].astype(np.float32) / 255.0
-
-    def __getitem__(self, k: int) -> TrainPair:
-        k = int(k)
-        if k < 0:
-            raise IndexError(f"stream index must be >= 0, got {k}")
-        rng = np.random.default_rng([self.seed, k])
-        image = self.normal_image(int(rng.integers(len(self.images))))
-        if self.rotate:
-            image = rotate_for_category(image, self.category, rng)
-        augmented, mask = synthesize_anomaly(
-            image,
+    def batch(self, step: int) -> TrainPair:
+        """The batch of training step ``step`` (0-based): (B,3,S,S), (B,3,S,S), (B,1,S,S) on the device."""
+        if step < 0:
+            raise IndexError(f"step must be >= 0, got {step}")
+        generator = step_generator(self.seed, step)
+        picks = torch.randint(len(self.images), (self.batch_size,), generator=generator)
+        normal = self.images[picks.to(self.device)].float().div_(255.0)
+        original, augmented, mask = synthesize_anomalies(
+            normal,
             self.textures,
-            rng,
+            generator,
+            category=self.category if self.rotate else None,
             beta_max=self.beta_max,
             max_scale_exp=self.max_scale_exp,
             threshold=self.threshold,
             match_grayscale=self.match_grayscale,
         )
-        return TrainPair(_to_chw(image), _to_chw(augmented), torch.from_numpy(mask[None].copy()))
+        return TrainPair(original, augmented, mask)
 
-
-def stream_indices(step: int, batch_size: int) -> list[int]:
-    """Stream indices of training step ``step`` (0-based): step*B .. step*B + B - 1. [ours]"""
-    return list(range(step * batch_size, (step + 1) * batch_size))
-
-
-class StreamBatchSampler(Sampler[list[int]]):
-    """Batch sampler over steps ``start_step .. start_step + num_steps - 1`` of a :class:`SyntheticPairDataset`
-    stream: ``DataLoader(ds, batch_sampler=StreamBatchSampler(...))``; resuming at step s gives the same batches."""
-
-    def __init__(self, batch_size: int, num_steps: int, start_step: int = 0) -> None:
-        self.batch_size = batch_size
-        self.num_steps = num_steps
-        self.start_step = start_step
-
-    def __len__(self) -> int:
-        return self.num_steps
-
-    def __iter__(self) -> Iterator[list[int]]:
-        for step in range(self.start_step, self.start_step + self.num_steps):
-            yield stream_indices(step, self.batch_size)
+    def batches(self, start_step: int, stop_step: int) -> Iterator[TrainPair]:
+        """The batches of steps ``start_step .. stop_step - 1``."""
+        for step in range(start_step, stop_step):
+            yield self.batch(step)
 
 
 # --- evaluation splits -------------------------------------------------------------------------------------------
@@ -348,24 +339,25 @@ class ValidationDataset(LabelledDataset):
     ) -> None:
         if len(images) == 0:
             raise ValueError(f"the validation split of {category!r} is empty (val_fraction = 0, or too few images)")
-        anomalous, masks = [], []
-        for i, image in enumerate(images):
-            normal = image.astype(np.float32) / 255.0
-            for attempt in range(100):
-                rng = np.random.default_rng([seed, 1, i, attempt])
-                augmented, mask = synthesize_anomaly(
-                    normal, textures, rng, beta_max=beta_max, max_scale_exp=max_scale_exp, threshold=threshold,
-                    match_grayscale=match_grayscale,
-                )
-                if mask.sum() >= 0.005 * mask.size:
-                    break
-            anomalous.append(np.round(np.clip(augmented, 0.0, 1.0) * 255.0).astype(np.uint8))
-            masks.append(mask.astype(np.uint8))
+        normal = torch.from_numpy(np.ascontiguousarray(images.transpose(0, 3, 1, 2))).float().div_(255.0)
+        anomalous = torch.empty_like(normal)
+        masks = torch.zeros(len(images), 1, *normal.shape[-2:])
+        pending = torch.arange(len(images))
+        for attempt in range(100):  # redraw the anomalies whose mask covers under 0.5 % of the image
+            _, augmented, mask = synthesize_anomalies(
+                normal[pending], textures, step_generator(seed, 1, attempt), beta_max=beta_max,
+                max_scale_exp=max_scale_exp, threshold=threshold, match_grayscale=match_grayscale,
+            )
+            anomalous[pending], masks[pending] = augmented, mask
+            pending = pending[mask.flatten(1).mean(dim=1) < 0.005]
+            if len(pending) == 0:
+                break
+        anomalous_u8 = anomalous.clamp(0.0, 1.0).mul(255.0).round().to(torch.uint8).permute(0, 2, 3, 1).numpy()
         size = images.shape[1]
         n = len(images)
         super().__init__(
-            np.concatenate([images, np.stack(anomalous)]),
-            np.concatenate([np.zeros((n, size, size), np.uint8), np.stack(masks)]),
+            np.concatenate([images, anomalous_u8]),
+            np.concatenate([np.zeros((n, size, size), np.uint8), masks[:, 0].numpy().astype(np.uint8)]),
             [0] * n + [1] * n,
             [GOOD] * n + [SYNTHETIC] * n,
             [str(p) for p in paths] + [f"{p}#synthetic" for p in paths],
