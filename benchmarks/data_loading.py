@@ -5,10 +5,11 @@ It measures, in images per second at the network input size (default 256x256):
 - ``decode cold``: decode + resize from disk with the package's loader (a thread pool), after asking the OS to
   drop the files from its page cache (``posix_fadvise(DONTNEED)``; without it the number is a warm one);
 - ``decode warm``: the same again, files in the page cache; ``decode 1 thread`` for comparison;
-- ``pairs, decoding each time``: a training pair made by decoding its image from disk, then synthesis (what a
-  loader without the in-memory cache does);
-- ``pairs from cache``: a training pair from the decoded images held in memory (what training does), in the
-  main process and through a ``DataLoader`` with ``--workers`` worker processes;
+- ``pairs, decoding each time``: a batch of training pairs made by decoding its images from disk, then the
+  batched synthesis (what a loader without the in-memory cache would do);
+- ``pairs from cache``: a batch of training pairs from the decoded images held in memory (what training does:
+  ``SyntheticPairs.batch`` on ``--device``), for a category whose images are rotated (carpet: a quarter turn
+  and +-5 degrees) and without the rotation;
 
 beside the training step rates of the ``fast`` and ``paper`` presets (stage 1 and stage 2, from
 ``benchmarks/speed.py``, run here or read from its ``--json``). Data loading does not starve training when the
@@ -37,11 +38,10 @@ from typing import Any
 import numpy as np
 import torch
 from PIL import Image
-from torch.utils.data import DataLoader
 
-from dmdd_core.data import SyntheticPairDataset, load_images, open_source, stream_indices
+from dmdd_core.data import SyntheticPairs, load_images, open_source
 from dmdd_core.data.loading import _decode_image
-from dmdd_core.synthesis import TextureSource, rotate_for_category, synthesize_anomaly
+from dmdd_core.synthesis import TextureSource, step_generator, synthesize_anomalies
 
 SPEED_SCRIPT = Path(__file__).resolve().parent / "speed.py"
 
@@ -56,9 +56,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--images", type=int, default=120, help="generated images (without --data)")
     parser.add_argument("--source-size", type=int, default=1024, help="side of the generated images")
     parser.add_argument("--size", type=int, default=256, help="network input side the images are resized to")
-    parser.add_argument("--pairs", type=int, default=200, help="training pairs timed per measurement")
-    parser.add_argument("--workers", type=int, default=2, help="DataLoader worker processes for the last row")
-    parser.add_argument("--batch-size", type=int, default=8, help="DataLoader batch for the last row")
+    parser.add_argument("--pairs", type=int, default=640, help="training pairs timed per measurement")
+    parser.add_argument("--batch-size", type=int, default=32, help="training batch of the synthesis (the paper's: 32)")
+    parser.add_argument("--device", default="cpu", help="where the synthesis runs: cpu, cuda...")
     parser.add_argument("--speed-json", default=None, help="training rates from benchmarks/speed.py --json")
     parser.add_argument("--no-train-rates", action="store_true", help="do not measure the training step rates")
     parser.add_argument("--speed-steps", type=int, default=3, help="timed steps of the training rate measurement")
@@ -99,6 +99,11 @@ def drop_page_cache(paths: Sequence[Path]) -> bool:
     return True
 
 
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
 def rate(count: int, seconds: float) -> float:
     return count / max(seconds, 1e-9)
 
@@ -118,30 +123,33 @@ def measure(paths: list[Path], category: str, args: argparse.Namespace) -> dict[
         _decode_image(path, size)
     results["decode_1_thread_img_s"] = rate(len(paths), time.perf_counter() - started)
 
+    device = torch.device(args.device)
     textures = TextureSource.builtin(exclude=(category,))
-    dataset = SyntheticPairDataset(images, category, textures, seed=0)
-    for k in range(5):  # load the textures the stream uses first
-        dataset[k]
-    started = time.perf_counter()
-    for k in range(args.pairs):
-        rng = np.random.default_rng([0, k])
-        decoded = _decode_image(paths[int(rng.integers(len(paths)))], size)
-        assert isinstance(decoded, np.ndarray)
-        image = rotate_for_category(decoded.astype(np.float32) / 255.0, category, rng)
-        synthesize_anomaly(image, textures, rng)
-    results["pairs_decoding_each_img_s"] = rate(args.pairs, time.perf_counter() - started)
-    started = time.perf_counter()
-    for k in range(args.pairs):
-        dataset[k]
-    results["pairs_cached_img_s"] = rate(args.pairs, time.perf_counter() - started)
-
     steps = max(1, args.pairs // args.batch_size)
-    sampler = [stream_indices(s, args.batch_size) for s in range(steps)]
-    loader = DataLoader(dataset, batch_sampler=sampler, num_workers=args.workers, pin_memory=torch.cuda.is_available())
+    cached = {
+        "pairs_cached_img_s": SyntheticPairs(images, category, textures, batch_size=args.batch_size, device=device),
+        "pairs_cached_unrotated_img_s": SyntheticPairs(images, category, textures, batch_size=args.batch_size,
+                                                       rotate=False, device=device),
+    }
+    for pairs in cached.values():
+        pairs.batch(steps)  # decodes the textures
     started = time.perf_counter()
-    for _ in loader:
-        pass
-    results[f"pairs_cached_{args.workers}_workers_img_s"] = rate(steps * args.batch_size, time.perf_counter() - started)
+    for step in range(steps):
+        generator = step_generator(0, step)
+        picks = torch.randint(len(paths), (args.batch_size,), generator=generator).tolist()
+        decoded = np.stack([_decode_image(paths[i], size) for i in picks])
+        normal = torch.from_numpy(decoded).permute(0, 3, 1, 2).to(device).float().div_(255.0)
+        synthesize_anomalies(normal, textures, generator, category=category)
+    _sync(device)
+    results["pairs_decoding_each_img_s"] = rate(steps * args.batch_size, time.perf_counter() - started)
+    for key, pairs in cached.items():
+        started = time.perf_counter()
+        for step in range(steps):
+            pairs.batch(step)
+        _sync(device)
+        results[key] = rate(steps * args.batch_size, time.perf_counter() - started)
+    results["synthesis"] = {"device": str(device), "batch_size": args.batch_size, "size": size,
+                            "torch_threads": torch.get_num_threads(), "category": category}
     results["page_cache_dropped"] = cold
     return results
 
@@ -163,8 +171,9 @@ LABELS = {
     "decode_first_img_s": "decode + resize from disk, first pass (thread pool)",
     "decode_warm_img_s": "decode + resize from disk, page cache warm (thread pool)",
     "decode_1_thread_img_s": "decode + resize from disk, one thread",
-    "pairs_decoding_each_img_s": "training pairs, decoding the image each time",
-    "pairs_cached_img_s": "training pairs from the in-memory cache (main process)",
+    "pairs_decoding_each_img_s": "training pairs, decoding the images each time",
+    "pairs_cached_img_s": "training pairs from the in-memory cache (quarter turn + small rotation)",
+    "pairs_cached_unrotated_img_s": "training pairs from the in-memory cache (no rotation)",
 }
 
 
@@ -172,8 +181,7 @@ def format_table(data: dict[str, Any], train: list[dict[str, Any]]) -> str:
     lines = ["| what | img/s |", "|---|---|"]
     for key, value in data.items():
         if key.endswith("_img_s"):
-            label = LABELS.get(key, key.replace("pairs_cached_", "training pairs from the cache, DataLoader with ")
-                               .replace("_workers_img_s", " workers"))
+            label = LABELS.get(key, key)
             lines.append(f"| {label} | {value:.1f} |")
     for row in train:
         where = f"{row['preset']} preset, {row['image_size']}x{row['image_size']}, batch {row['batch_size']}, {row['device']}"
@@ -187,8 +195,6 @@ def plot(report: dict[str, Any]):  # noqa: ANN201 - a matplotlib Figure
     from dmdd_core.plots import figure
 
     rows = [(LABELS.get(k, k), v) for k, v in report["data"].items() if k.endswith("_img_s") and k in LABELS]
-    rows += [(f"training pairs from the cache, {k.split('_')[2]} DataLoader workers", v)
-             for k, v in report["data"].items() if k.startswith("pairs_cached_") and k.endswith("workers_img_s")]
     train = [(f"training step {stage}, {r['preset']} ({r['image_size']}², batch {r['batch_size']}, {r['device']})",
               r[f"stage{stage[-1]}_img_s"]) for r in report["training"] for stage in ("stage 1", "stage 2")]
     labels = [label for label, _ in rows + train]
@@ -236,8 +242,12 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
             for row in train
         ],
     }
-    print(f"images: {origin}; input {args.size}x{args.size}; {os.cpu_count()} CPUs")
+    print(f"images: {origin}; input {args.size}x{args.size}; {os.cpu_count()} CPUs, {torch.get_num_threads()} torch "
+          f"threads; synthesis on {args.device} in batches of {args.batch_size}")
     print(format_table(data, report["training"]))
+    per_thread = data["pairs_cached_img_s"] / torch.get_num_threads()
+    print(f"synthesis from the cache: {data['pairs_cached_img_s']:.0f} pairs/s ({per_thread:.0f} per thread), "
+          f"{data['pairs_cached_unrotated_img_s']:.0f} pairs/s without rotation")
     if args.json:
         Path(args.json).write_text(json.dumps(report, indent=2))
     if args.figure:

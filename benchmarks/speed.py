@@ -1,18 +1,21 @@
-"""Speed benchmark of DMDD training and inference.
+"""Speed benchmark of DMDD training and inference, and where the time of a step goes.
 
 For each preset (default ``fast`` and ``paper``) on the chosen device it measures, in images per second:
 stage-1 training (distillation step: forward, backward and SGD step of the student), stage-2 training
-(segmentation step), inference (model forward in eval mode under ``torch.no_grad``) and, separately, data
-loading (synthetic training pairs from the built-in dataset, category ``brick``). It also reports peak memory:
-``torch.cuda.max_memory_allocated`` per phase on CUDA, the process peak RSS (``ru_maxrss``) on CPU.
+(segmentation step), inference (model forward in eval mode under ``torch.no_grad``) and, separately, the
+synthetic training pairs (batched synthesis on the device from the built-in dataset, category ``brick``). It
+also reports peak memory: ``torch.cuda.max_memory_allocated`` per phase on CUDA, the process peak RSS
+(``ru_maxrss``) on CPU.
 
-Batches are built before timing, so the training and inference numbers exclude data loading. Each phase runs
-warm-up steps, then timed steps (synchronised on CUDA).
+Batches are built before timing, so the training and inference rates exclude the synthesis. Each phase runs
+warm-up steps, then timed steps (synchronised on CUDA). Then one more pass per stage splits a whole step (its
+batch's synthesis included) into synthesis, teacher, student, segmentation network, optimiser, and backward
+with the losses (the rest), by forward hooks on the three networks and optimiser hooks, synchronised on CUDA.
 
 Run::
 
     python benchmarks/speed.py                                   # fast and paper presets, auto device
-    python benchmarks/speed.py --presets paper --device cuda --amp --channels-last --json speed.json
+    python benchmarks/speed.py --presets paper --device cuda --amp fp16 --channels-last --json speed.json
     python benchmarks/speed.py --presets smoke --steps 1         # a few seconds
 
 On CPU the paper preset runs at batch 8 instead of 32 unless ``--batch-size`` is given.
@@ -34,12 +37,18 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from torch.utils.data import default_collate
 
-from dmdd_core.config import PRESETS, DMDDConfig
-from dmdd_core.data import SyntheticPairDataset, TrainPair, ensure_builtin_dataset, stream_indices
+from dmdd_core.config import AMP_MODES, PRESETS, DMDDConfig
+from dmdd_core.data import SyntheticPairs, TrainPair, ensure_builtin_dataset
 from dmdd_core.model import DMDD, Teacher, build_teacher
-from dmdd_core.train import build_optimizers, select_device, train_step
+from dmdd_core.train import (
+    autocast_for,
+    build_optimizers,
+    grad_scaler_for,
+    precision_for,
+    select_device,
+    train_step,
+)
 
 CPU_PAPER_BATCH = 8
 DEFAULT_STEPS = {"cpu": 5, "cuda": 20}
@@ -68,7 +77,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--prebuilt", type=int, default=3, help="distinct batches built before timing, then cycled")
     parser.add_argument("--teacher", default="auto", help="auto, resnet18, tf_efficientnet_lite0 or a timm name")
     parser.add_argument("--teacher-weights", default=None, help="state dict file for the teacher")
-    parser.add_argument("--amp", action="store_true", help="bf16 autocast (CUDA only, as in training)")
+    parser.add_argument("--amp", default="auto", choices=AMP_MODES,
+                        help="mixed precision as in training: auto (bf16 or fp16 by the GPU, fp32 on CPU), bf16, fp16, off")
     parser.add_argument("--channels-last", action="store_true", help="channels_last memory format (CUDA only)")
     parser.add_argument("--data", default=None, help="dataset root in MVTec AD layout (default: the built-in dataset)")
     parser.add_argument("--category", default="brick")
@@ -119,18 +129,75 @@ def process_peak_rss_mib() -> float:
     return peak / MIB if sys.platform == "darwin" else peak / 1024
 
 
-def build_batches(dataset: SyntheticPairDataset, batch_size: int, count: int) -> tuple[list[TrainPair], float]:
-    """``count`` training batches of the stream, and the data loading throughput (img/s) measured building them.
-
-    The dataset holds its training images decoded in memory, so the rate is the steady state of a training run
-    with ``num_workers=0``: cached image, rotation, anomaly synthesis, collation.
-    """
+def build_batches(pairs: SyntheticPairs, count: int, device: torch.device) -> tuple[list[TrainPair], float]:
+    """``count`` training batches, and the synthesis throughput (img/s) measured making them on ``device`` (after
+    one untimed batch, which decodes the textures)."""
+    pairs.batch(count)
+    _sync(device)
     started = time.perf_counter()
-    batches = [
-        TrainPair(*default_collate([dataset[k] for k in stream_indices(step, batch_size)])) for step in range(count)
-    ]
-    seconds = time.perf_counter() - started
-    return batches, count * batch_size / seconds
+    batches = [pairs.batch(step) for step in range(count)]
+    _sync(device)
+    return batches, count * pairs.batch_size / (time.perf_counter() - started)
+
+
+class StepBreakdown:
+    """Seconds spent in the teacher, the student, the segmentation network and the optimiser during a training
+    step, from forward hooks and optimiser step hooks (synchronised on CUDA, which slows the step a little)."""
+
+    PARTS = ("teacher", "student", "segmentation")
+
+    def __init__(self, model: DMDD, optimizers: Sequence[torch.optim.Optimizer], device: torch.device) -> None:
+        self.device = device
+        self.seconds = dict.fromkeys((*self.PARTS, "optimizer"), 0.0)
+        self._started: dict[str, float] = {}
+        self._handles = []
+        for part in self.PARTS:
+            module = getattr(model, part)
+            self._handles.append(module.register_forward_pre_hook(lambda *_, p=part: self._start(p)))
+            self._handles.append(module.register_forward_hook(lambda *_, p=part: self._stop(p)))
+        for opt in optimizers:
+            self._handles.append(opt.register_step_pre_hook(lambda *_: self._start("optimizer")))
+            self._handles.append(opt.register_step_post_hook(lambda *_: self._stop("optimizer")))
+
+    def _start(self, part: str) -> None:
+        _sync(self.device)
+        self._started[part] = time.perf_counter()
+
+    def _stop(self, part: str) -> None:
+        _sync(self.device)
+        self.seconds[part] += time.perf_counter() - self._started.pop(part)
+
+    def remove(self) -> None:
+        for handle in self._handles:
+            handle.remove()
+
+
+def step_breakdown(model: DMDD, pairs: SyntheticPairs, cfg: DMDDConfig, stage: int,
+                   optimizer: torch.optim.Optimizer, device: torch.device, steps: int,
+                   memory_format: torch.memory_format) -> dict[str, float]:
+    """Milliseconds per step of ``stage`` in each part, a whole step being its batch's synthesis and
+    :func:`~dmdd_core.train.train_step`: synthesis, teacher, student, segmentation, optimizer, and "backward"
+    (the backward pass, the losses and everything else in the step)."""
+    precision = precision_for(cfg, device)
+    autocast, scaler = autocast_for(precision, device), grad_scaler_for(precision, device)
+    hooks = StepBreakdown(model, [optimizer], device)
+    synthesis = total = 0.0
+    try:
+        for step in range(steps):
+            _sync(device)
+            started = time.perf_counter()
+            batch = TrainPair(*(t.contiguous(memory_format=memory_format) for t in pairs.batch(1000 + step)))
+            _sync(device)
+            made = time.perf_counter()
+            train_step(model, batch, cfg, stage, optimizer, autocast, scaler)
+            _sync(device)
+            synthesis += made - started
+            total += time.perf_counter() - started
+    finally:
+        hooks.remove()
+    parts = {"synthesis": synthesis, **hooks.seconds}
+    parts["backward"] = max(0.0, total - sum(parts.values()))
+    return {k: 1000 * v / steps for k, v in parts.items()} | {"total": 1000 * total / steps}
 
 
 def _inference_images(batches: list[TrainPair], size: int) -> torch.Tensor:
@@ -155,16 +222,13 @@ def benchmark_preset(
 ) -> dict[str, Any]:
     use_cuda = device.type == "cuda"
     memory_format = torch.channels_last if (use_cuda and cfg.channels_last) else torch.contiguous_format
-    autocast = torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=use_cuda and cfg.amp)
+    precision = precision_for(cfg, device)
+    autocast, scaler = autocast_for(precision, device), grad_scaler_for(precision, device)
 
-    dataset = SyntheticPairDataset.from_config(dataset_root, category, cfg)
-    cpu_batches, data_img_s = build_batches(dataset, cfg.batch_size, prebuilt)
-
-    def to_device(t: torch.Tensor) -> torch.Tensor:
-        return t.to(device, non_blocking=True).contiguous(memory_format=memory_format)
-
-    batches = [TrainPair(*(to_device(t) for t in b)) for b in cpu_batches]
-    images = to_device(_inference_images(cpu_batches, infer_batch))
+    pairs = SyntheticPairs.from_config(dataset_root, category, cfg, device=device)
+    made, data_img_s = build_batches(pairs, prebuilt, device)
+    batches = [TrainPair(*(t.contiguous(memory_format=memory_format) for t in b)) for b in made]
+    images = _inference_images(batches, infer_batch).contiguous(memory_format=memory_format)
 
     torch.manual_seed(cfg.seed)
     model = DMDD(cfg, teacher=teacher).to(device)
@@ -173,10 +237,10 @@ def benchmark_preset(
     memory: dict[str, float | None] = {}
 
     def stage1(i: int) -> None:
-        train_step(model, batches[i % len(batches)], cfg, 1, opt_student, autocast)
+        train_step(model, batches[i % len(batches)], cfg, 1, opt_student, autocast, scaler)
 
     def stage2(i: int) -> None:
-        train_step(model, batches[i % len(batches)], cfg, 2, opt_seg, autocast)
+        train_step(model, batches[i % len(batches)], cfg, 2, opt_seg, autocast, scaler)
 
     def infer(_: int) -> None:
         with torch.no_grad(), autocast:
@@ -197,6 +261,11 @@ def benchmark_preset(
     infer_s = _timed(device, infer, warmup, steps)
     memory["inference"] = _peak_mib(device)
 
+    breakdown = {
+        "stage1": step_breakdown(model, pairs, cfg, 1, opt_student, device, max(1, steps), memory_format),
+        "stage2": step_breakdown(model, pairs, cfg, 2, opt_seg, device, max(1, steps), memory_format),
+    }
+
     result: dict[str, Any] = {
         "preset": cfg.preset_name,
         "device": device.type,
@@ -205,7 +274,8 @@ def benchmark_preset(
         "infer_batch": infer_batch,
         "steps": steps,
         "warmup": warmup,
-        "amp": use_cuda and cfg.amp,
+        "amp": cfg.amp,
+        "precision": precision,
         "channels_last": memory_format is torch.channels_last,
         "stage1_img_s": steps * cfg.batch_size / stage1_s,
         "stage2_img_s": steps * cfg.batch_size / stage2_s,
@@ -214,6 +284,10 @@ def benchmark_preset(
         "stage1_ms_per_step": 1000 * stage1_s / steps,
         "stage2_ms_per_step": 1000 * stage2_s / steps,
         "inference_ms_per_batch": 1000 * infer_s / steps,
+        "breakdown_ms_per_step": breakdown,
+        "breakdown_share": {
+            stage: {k: v / parts["total"] for k, v in parts.items() if k != "total"} for stage, parts in breakdown.items()
+        },
     }
     if use_cuda:
         result["peak_memory_mib"] = memory
@@ -311,6 +385,19 @@ def format_table(results: list[dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
+BREAKDOWN_PARTS = ("synthesis", "teacher", "student", "segmentation", "backward", "optimizer")
+
+
+def format_breakdown(results: list[dict[str, Any]]) -> str:
+    """Where a step's time goes: ms per step and the share of each part, per preset and stage."""
+    lines = ["where a step goes (ms per step, share): " + ", ".join(BREAKDOWN_PARTS) + " (backward: with the losses)"]
+    for r in results:
+        for stage, parts in r["breakdown_ms_per_step"].items():
+            cells = ", ".join(f"{p} {parts[p]:.0f} ({parts[p] / parts['total']:.0%})" for p in BREAKDOWN_PARTS)
+            lines.append(f"  {r['preset']} {stage}: {parts['total']:.0f} ms = {cells}")
+    return "\n".join(lines)
+
+
 # --- main --------------------------------------------------------------------------------------------------------
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     """Run the benchmark with command line ``argv``; print the table and return the report (as in the JSON)."""
@@ -341,8 +428,8 @@ def _run(args: argparse.Namespace) -> dict[str, Any]:
     teacher, fallback = make_teacher(args.teacher, args.teacher_weights)
     if fallback is not None:
         notes.append(f"teacher 'auto' fell back to {teacher.name}: resnet18 ImageNet weights are not available here")
-    if device.type != "cuda" and (args.amp or args.channels_last):
-        notes.append("--amp and --channels-last apply on CUDA only (as in training); ignored on CPU")
+    if device.type != "cuda" and args.channels_last:
+        notes.append("--channels-last applies on CUDA only (as in training); ignored on CPU")
 
     env = environment(device)
     snapshot = cpu_snapshot()
@@ -400,7 +487,7 @@ def _run(args: argparse.Namespace) -> dict[str, Any]:
         notes.append("peak mem: torch.cuda.max_memory_allocated, stage 1 / stage 2 / inference")
     else:
         notes.append("peak mem: peak RSS of the whole process so far (ru_maxrss), not per phase")
-    notes.append("data img/s: synthetic pair generation + collation in the main process, excluded from the others")
+    notes.append("data img/s: batched synthesis of training pairs on the device, excluded from the training rates")
 
     busy = other_processes_cpu_load(snapshot)
     env["other_processes_cpus_busy"] = None if busy is None else round(busy, 2)
@@ -412,6 +499,8 @@ def _run(args: argparse.Namespace) -> dict[str, Any]:
     total = time.perf_counter() - started
     print()
     print(format_table(results))
+    print()
+    print(format_breakdown(results))
     for note in notes:
         print(f"note: {note}")
     print(f"total time: {total:.1f} s")
