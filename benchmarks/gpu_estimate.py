@@ -1,5 +1,6 @@
 """How long the full benchmark (notebook 08's full mode) should take on one GPU, estimated without one.
 
+``benchmarks/gpu_check.py`` measures these figures on a GPU; this estimate stands in where none was measured.
 Nothing here needs a GPU. The estimate combines what can be measured on any machine with two stated assumptions:
 
 measured here
@@ -8,16 +9,17 @@ measured here
     forward and backward) of the ``paper`` preset at batch 32 and 256², and of inference per image, counted by
     ``torch.utils.flop_counter.FlopCounterMode`` (counted at a small batch and scaled: the count is linear in
     the batch);
-  - training pairs per second per CPU core (cached image, rotation, Perlin mask, texture blend, collation);
+  - training pairs per second of the batched synthesis on this machine's CPU (for reference: on a GPU it runs
+    on the GPU, in the training process);
 assumed (flags)
   - ``--tflops``: the throughput the GPU sustains on these convolution nets in bf16, a low and a high value.
     An H100's dense bf16 peak is about 990 TFLOPS; small convolution nets at batch 32 reach a small fraction of
     it. The defaults, 60 and 200, are a deliberately wide range;
-  - ``--workers``: DataLoader worker processes making training pairs. The package's automatic choice on CUDA is
-    min(8, CPU cores - 1): 8 on a 16-core GPU machine (the default here), 1 on a 2-core Colab machine;
+  - ``--synthesis-ms``: milliseconds the GPU spends making one batch of 32 pairs at 256² (default 5: about a
+    hundred passes over the batch's 6.3 M values at a GPU's memory bandwidth, plus a few dozen kernel launches);
   - ``--step-overhead``: fixed milliseconds per step (kernel launches, optimiser, Python; default 15).
 
-A step takes max(GPU compute, data loading) + overhead, since workers prepare batches while the GPU computes.
+A step takes synthesis + GPU compute + overhead: the batch is made on the GPU before the step that uses it.
 Per task (category and seed) it adds the validation checks during training, the test-set inference and the
 metrics (on the CPU, measured rates from ``benchmarks/metrics_speed.py``). Dataset sizes are MVTec AD's
 (15 categories, 3629 training and 1725 test images) and MPDD's (6 categories, 888 and 458).
@@ -25,7 +27,7 @@ metrics (on the CPU, measured rates from ``benchmarks/metrics_speed.py``). Datas
 Run::
 
     python benchmarks/gpu_estimate.py                          # about a minute on two CPU cores
-    python benchmarks/gpu_estimate.py --tflops 40 120 --workers 1 --seeds 1   # an A100 on a 2-core machine
+    python benchmarks/gpu_estimate.py --tflops 40 120 --seeds 1      # an A100
 """
 
 from __future__ import annotations
@@ -38,11 +40,10 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
-from torch.utils.data import default_collate
 from torch.utils.flop_counter import FlopCounterMode
 
 from dmdd_core.config import DMDDConfig
-from dmdd_core.data import SyntheticPairDataset, TrainPair, ensure_builtin_dataset, stream_indices
+from dmdd_core.data import SyntheticPairs, TrainPair, ensure_builtin_dataset
 from dmdd_core.model import DMDD
 from dmdd_core.train import distillation_step, segmentation_step
 
@@ -59,8 +60,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--tflops", type=float, nargs=2, default=(60.0, 200.0), metavar=("LOW", "HIGH"),
                    help="sustained bf16 TFLOPS of the GPU on these nets, low and high (default 60 200: an H100)")
-    p.add_argument("--workers", type=int, default=8, help="DataLoader workers making training pairs (default 8: the "
-                   "package's automatic choice on a 16-core machine, min(8, cores - 1))")
+    p.add_argument("--synthesis-ms", dest="synthesis_ms", type=float, default=5.0,
+                   help="GPU milliseconds to make one batch of training pairs (default 5)")
     p.add_argument("--step-overhead", dest="step_overhead", type=float, default=15.0,
                    help="fixed milliseconds per training step (default 15)")
     p.add_argument("--seeds", type=int, default=3, help="seeds per category (default 3)")
@@ -102,25 +103,26 @@ def step_flops(cfg: DMDDConfig, batch: int) -> dict[str, float]:
             "inference_per_image": count_flops(infer) / batch}
 
 
-def pairs_per_core(cfg: DMDDConfig, seconds: float = 3.0) -> float:
-    """Training pairs per second made in this process from cached images at the preset's size."""
+def cpu_pairs_per_second(cfg: DMDDConfig, seconds: float = 3.0) -> float:
+    """Training pairs per second of the batched synthesis on this machine's CPU at the preset's size and batch."""
     root = ensure_builtin_dataset()
-    dataset = SyntheticPairDataset.from_config(root, "brick", cfg)
-    made, started, step = 0, time.perf_counter(), 0
+    pairs = SyntheticPairs.from_config(root, "brick", cfg)
+    pairs.batch(0)  # decodes the textures
+    made, started, step = 0, time.perf_counter(), 1
     while time.perf_counter() - started < seconds:
-        default_collate([dataset[k] for k in stream_indices(step, 8)])
-        made, step = made + 8, step + 1
+        pairs.batch(step)
+        made, step = made + cfg.batch_size, step + 1
     return made / (time.perf_counter() - started)
 
 
-def estimate(flops: dict[str, float], pair_rate: float, args: argparse.Namespace, cfg: DMDDConfig) -> dict[str, Any]:
+def estimate(flops: dict[str, float], args: argparse.Namespace, cfg: DMDDConfig) -> dict[str, Any]:
     """Hours per dataset for the low and high throughput assumptions."""
-    data_seconds = cfg.batch_size / (pair_rate * args.workers)
+    data_seconds = args.synthesis_ms / 1000
     out: dict[str, Any] = {}
     for label, tflops in (("slow GPU", min(args.tflops)), ("fast GPU", max(args.tflops))):
         rate = tflops * 1e12
-        step1 = max(flops["stage1"] / rate, data_seconds) + args.step_overhead / 1000
-        step2 = max(flops["stage2"] / rate, data_seconds) + args.step_overhead / 1000
+        step1 = data_seconds + flops["stage1"] / rate + args.step_overhead / 1000
+        step2 = data_seconds + flops["stage2"] / rate + args.step_overhead / 1000
         train_s = cfg.stage1_steps * step1 + cfg.stage2_steps * step2
         checks = cfg.stage2_steps // cfg.checkpoint_every  # validation runs at stage-2 checkpoints
         per_dataset = {}
@@ -145,15 +147,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     cfg = DMDDConfig.preset("paper", teacher="resnet18")
     started = time.perf_counter()
     flops = step_flops(cfg, args.count_batch)
-    rate = pairs_per_core(cfg)
-    result = estimate(flops, rate, args, cfg)
+    rate = cpu_pairs_per_second(cfg)
+    result = estimate(flops, args, cfg)
     print(f"paper preset: {cfg.image_size}², batch {cfg.batch_size}, {cfg.stage1_steps} + {cfg.stage2_steps} steps, "
           f"teacher {cfg.teacher}, {args.seeds} seeds")
     print(f"measured: stage-1 step {flops['stage1'] / 1e12:.2f} TFLOP, stage-2 step {flops['stage2'] / 1e12:.2f} TFLOP, "
           f"inference {flops['inference_per_image'] / 1e9:.1f} GFLOP per image; "
-          f"{rate:.0f} training pairs/s per CPU core at {cfg.image_size}²")
-    print(f"assumed: {args.workers} DataLoader workers, {args.step_overhead:.0f} ms overhead per step\n")
-    print("| GPU throughput | stage-1 step | stage-2 step | data per step | train per task | "
+          f"synthesis {rate:.0f} training pairs/s on this CPU at {cfg.image_size}², batch {cfg.batch_size}")
+    print(f"assumed: synthesis {args.synthesis_ms:.0f} ms per batch on the GPU, {args.step_overhead:.0f} ms overhead "
+          "per step\n")
+    print("| GPU throughput | stage-1 step | stage-2 step | synthesis per step | train per task | "
           + " | ".join(f"{name} ({DATASETS[name][0]} x {args.seeds} tasks)" for name in DATASETS) + " |")
     print("|---|---|---|---|---|" + "---|" * len(DATASETS))
     for label, r in result.items():
@@ -165,7 +168,7 @@ def main(argv: Sequence[str] | None = None) -> int:
           f"(estimated in {time.perf_counter() - started:.0f} s)")
     if args.json:
         with open(args.json, "w") as f:
-            json.dump({"flops": flops, "pairs_per_core": rate, "assumptions": vars(args), "estimate": result}, f,
+            json.dump({"flops": flops, "cpu_pairs_per_second": rate, "assumptions": vars(args), "estimate": result}, f,
                       indent=1)
     return 0
 

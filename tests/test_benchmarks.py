@@ -38,6 +38,16 @@ def test_speed_smoke(builtin_root: Path, tmp_path: Path) -> None:
     for key in ("stage1_img_s", "stage2_img_s", "inference_img_s", "data_img_s"):
         assert result[key] > 0, key
     assert result["peak_memory_mib"]["process"] > 0
+    assert result["precision"] == "fp32"
+    for stage in ("stage1", "stage2"):
+        parts = result["breakdown_ms_per_step"][stage]
+        assert set(parts) == {"synthesis", "teacher", "student", "segmentation", "backward", "optimizer", "total"}
+        assert sum(v for k, v in parts.items() if k != "total") == pytest.approx(parts["total"], rel=1e-6)
+        assert parts["synthesis"] > 0 and parts["teacher"] > 0 and parts["student"] > 0 and parts["optimizer"] > 0
+        assert sum(result["breakdown_share"][stage].values()) == pytest.approx(1.0)
+    # the student is frozen in stage 2 and the segmentation network untouched in stage 1
+    assert result["breakdown_ms_per_step"]["stage1"]["segmentation"] == 0
+    assert result["breakdown_ms_per_step"]["stage2"]["segmentation"] > 0
 
 
 def test_data_loading_benchmark(tmp_path: Path) -> None:
@@ -85,14 +95,14 @@ def test_gpu_estimate_arithmetic_and_flop_counts() -> None:
     assert est.count_flops(lambda: linear(torch.rand(3, 8))) == 2 * 3 * 8 * 4
 
     cfg = DMDDConfig.preset("paper")
-    args = argparse.Namespace(tflops=(10.0, 100.0), workers=4, step_overhead=15.0, seeds=3)
+    args = argparse.Namespace(tflops=(10.0, 100.0), synthesis_ms=5.0, step_overhead=15.0, seeds=3)
     flops = {"stage1": 1e12, "stage2": 2e12, "inference_per_image": 1e10}
-    result = est.estimate(flops, 100.0, args, cfg)
+    result = est.estimate(flops, args, cfg)
     slow, fast = result["slow GPU"], result["fast GPU"]
-    assert slow["data_ms_per_step"] == pytest.approx(80.0)  # 32 pairs / (100 pairs/s x 4 workers)
-    assert (slow["stage1_step_ms"], slow["stage2_step_ms"]) == pytest.approx((115.0, 215.0))  # compute-bound
-    assert (fast["stage1_step_ms"], fast["stage2_step_ms"]) == pytest.approx((95.0, 95.0))  # data-bound: 80 ms
-    assert slow["train_minutes_per_task"] == pytest.approx((1000 * 0.115 + 4000 * 0.215) / 60)
+    assert slow["data_ms_per_step"] == pytest.approx(5.0)
+    assert (slow["stage1_step_ms"], slow["stage2_step_ms"]) == pytest.approx((120.0, 220.0))  # 5 + compute + 15
+    assert (fast["stage1_step_ms"], fast["stage2_step_ms"]) == pytest.approx((30.0, 40.0))
+    assert slow["train_minutes_per_task"] == pytest.approx((1000 * 0.120 + 4000 * 0.220) / 60)
     mvtec = slow["datasets"]["MVTec AD"]
     assert mvtec["tasks"] == 45 and mvtec["hours"] == pytest.approx(mvtec["task_minutes"] * 45 / 60)
     assert mvtec["task_minutes"] > slow["train_minutes_per_task"]
@@ -108,3 +118,42 @@ def test_gpu_estimate_counts_scale_linearly_with_the_batch() -> None:
         assert counted_small[key] > 0
         assert abs(counted_small[key] - counted_full[key]) <= 1e-6 * counted_full[key], key
     assert counted_full["stage2"] > counted_full["inference_per_image"] * cfg.batch_size
+
+
+def test_gpu_check_runs_its_two_step_version_on_a_cpu(builtin_root: Path, tmp_path: Path) -> None:
+    check = _load_script(SCRIPT.parent / "gpu_check.py")
+    out = tmp_path / "check.json"
+    report = check.main(["--device", "cpu", "--presets", "paper", "--out", str(out)])
+    assert json.loads(out.read_text()) == json.loads(json.dumps(report))
+    assert report["cpu_figures"] and "CPU figures" in report["note"] and report["auto_precision"] == "fp32"
+    (row,) = report["training"]
+    assert row["preset"] == "paper" and row["precision"] == "fp32" and row["batch_size"] == 2
+    for stage in (1, 2):
+        assert row[f"stage{stage}_step_ms"] > row[f"stage{stage}_synthesis_wait_ms"] > 0
+        assert 0 < row[f"stage{stage}_synthesis_share"] < 1
+    assert report["synthesis"]["batch_size"] == 32 and report["synthesis"]["rotated_batches_per_s"] > 0
+    assert set(report["inference"]) == {"precision", "batch_1_img_per_s", "batch_2_img_per_s"}
+    prediction = report["prediction"]
+    assert prediction["minutes_per_category"] > prediction["train_minutes_per_category"] > 0
+    assert "lower bound" in prediction["note"]
+    assert check.default_out(report).name.startswith("cpu_")
+
+
+def test_gpu_check_prediction_arithmetic_and_precisions(monkeypatch: pytest.MonkeyPatch) -> None:
+    import torch
+
+    from dmdd_core.config import DMDDConfig
+
+    check = _load_script(SCRIPT.parent / "gpu_check.py")
+    cfg = DMDDConfig.preset("paper")  # 1000 + 4000 steps, checks at 16 stage-2 checkpoints
+    p = check.predict_minutes(cfg, stage1_ms=60.0, stage2_ms=30.0, inference_img_s=100.0)
+    assert p["train_minutes_per_category"] == pytest.approx((1000 * 0.06 + 4000 * 0.03) / 60)
+    val_images = 2 * round(0.1 * 3629 / 15)
+    infer_s = (1725 / 15 + 16 * val_images) / 100.0
+    expected = (1000 * 0.06 + 4000 * 0.03 + infer_s + 1725 / 15 * check.METRIC_SECONDS_PER_TEST_IMAGE) / 60
+    assert p["minutes_per_category"] == pytest.approx(expected)
+    assert p["mvtec_3_seeds_hours"] == pytest.approx(expected * 45 / 60)
+    assert check.default_precisions(torch.device("cpu")) == ["fp32"]
+    for capability, expected_precisions in (((7, 5), ["fp32", "fp16"]), ((9, 0), ["fp32", "bf16", "fp16"])):
+        monkeypatch.setattr(torch.cuda, "get_device_capability", lambda *a, c=capability: c)
+        assert check.default_precisions(torch.device("cuda")) == expected_precisions
