@@ -132,7 +132,7 @@ def measure(paths: list[Path], category: str, args: argparse.Namespace) -> dict[
                                                        rotate=False, device=device),
     }
     for pairs in cached.values():
-        pairs.batch(steps)  # decodes the textures
+        pairs.load_textures().batch(steps)  # warm-up
     started = time.perf_counter()
     for step in range(steps):
         generator = step_generator(0, step)

@@ -145,8 +145,8 @@ def measure_synthesis(cfg: DMDDConfig, root: Path, device: torch.device, batches
     """Synthesis batches per second on the device at the preset's size and batch, with and without rotation."""
     out = {}
     for key, rotate in (("rotated", True), ("unrotated", False)):
-        pairs = SyntheticPairs.from_config(root, CATEGORY, cfg.replace(rotate=rotate), device=device)
-        pairs.batch(batches)  # decodes the textures
+        pairs = SyntheticPairs.from_config(root, CATEGORY, cfg.replace(rotate=rotate), device=device).load_textures()
+        pairs.batch(batches)  # warm-up
         sync(device)
         started = time.perf_counter()
         for step in range(batches):
@@ -238,7 +238,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             report["skipped"].append(f"{label}: over the {args.budget:.0f} s budget")
             continue
         cfg = config(preset, precision, channels_last)
-        pairs = SyntheticPairs.from_config(root, CATEGORY, cfg, device=device)
+        pairs = SyntheticPairs.from_config(root, CATEGORY, cfg, device=device).load_textures()
         try:
             row = measure_training(cfg, pairs, device, steps, warmup)
         except torch.OutOfMemoryError:

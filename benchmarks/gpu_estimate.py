@@ -106,8 +106,8 @@ def step_flops(cfg: DMDDConfig, batch: int) -> dict[str, float]:
 def cpu_pairs_per_second(cfg: DMDDConfig, seconds: float = 3.0) -> float:
     """Training pairs per second of the batched synthesis on this machine's CPU at the preset's size and batch."""
     root = ensure_builtin_dataset()
-    pairs = SyntheticPairs.from_config(root, "brick", cfg)
-    pairs.batch(0)  # decodes the textures
+    pairs = SyntheticPairs.from_config(root, "brick", cfg).load_textures()
+    pairs.batch(0)  # warm-up
     made, started, step = 0, time.perf_counter(), 1
     while time.perf_counter() - started < seconds:
         pairs.batch(step)

@@ -130,9 +130,8 @@ def process_peak_rss_mib() -> float:
 
 
 def build_batches(pairs: SyntheticPairs, count: int, device: torch.device) -> tuple[list[TrainPair], float]:
-    """``count`` training batches, and the synthesis throughput (img/s) measured making them on ``device`` (after
-    one untimed batch, which decodes the textures)."""
-    pairs.batch(count)
+    """``count`` training batches, and the synthesis throughput (img/s) measured making them on ``device``."""
+    pairs.batch(count)  # warm-up
     _sync(device)
     started = time.perf_counter()
     batches = [pairs.batch(step) for step in range(count)]
@@ -225,7 +224,7 @@ def benchmark_preset(
     precision = precision_for(cfg, device)
     autocast, scaler = autocast_for(precision, device), grad_scaler_for(precision, device)
 
-    pairs = SyntheticPairs.from_config(dataset_root, category, cfg, device=device)
+    pairs = SyntheticPairs.from_config(dataset_root, category, cfg, device=device).load_textures()
     made, data_img_s = build_batches(pairs, prebuilt, device)
     batches = [TrainPair(*(t.contiguous(memory_format=memory_format) for t in b)) for b in made]
     images = _inference_images(batches, infer_batch).contiguous(memory_format=memory_format)

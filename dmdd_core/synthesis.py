@@ -441,6 +441,12 @@ class TextureSource:
             self._tensors[key] = cached
         return cached
 
+    def load_all(self, image_side: int, device: torch.device | str = "cpu") -> None:
+        """Decode every texture now, for images of side ``image_side`` (otherwise each is decoded on first use:
+        the first training steps then take longer, which would distort a timing)."""
+        for name in self._names:
+            self.tensor(name, math.ceil(TEXTURE_OVERSAMPLE * image_side), device)
+
     def values_at(self, draws: TextureDraws, where: Tensor) -> tuple[Tensor, Tensor]:
         """Texture values at the pixels ``where`` (B,H,W) bool is True: (points (P,3) long as (sample, row,
         column), values (P,3) float in [0,1]), on ``where``'s device. [ours]

@@ -6,8 +6,8 @@ Stage 2 (the remaining steps): the student is frozen in eval mode; the segmentat
 masks with focal + L1 loss.
 
 The batch of step s is a pure function of (seed, s), made on the training device (see ``SyntheticPairs``), and
-the checkpoint holds the model, both optimisers, the gradient scaler, the random state and the log, so a run interrupted at any checkpoint and resumed
-ends with exactly the weights of an uninterrupted run. Checkpoint rule: the last step; no checkpoint is ever
+the checkpoint holds the model, both optimisers, the gradient scaler, the random state and the log, so a run
+interrupted at any checkpoint and resumed ends with exactly the weights of an uninterrupted run. Checkpoint rule: the last step; no checkpoint is ever
 chosen on test data. [ours]
 """
 

@@ -292,3 +292,15 @@ def test_cli_quickstart_writes_results_for_every_category(builtin_root: Path, tm
         assert (out / "figures" / f"quickstart_{r['category']}_examples.png").is_file()
     table = (out / "results.md").read_text()
     assert "| brick |" in table and "| grass |" in table and "**mean**" in table
+
+
+def test_cli_amp_chooses_or_forces_the_precision(capsys: pytest.CaptureFixture[str]) -> None:
+    from dmdd_core.cli import _config, build_parser
+
+    parser = build_parser()
+    assert _config(parser.parse_args(["train", "--preset", "smoke"])).amp == "auto"
+    for mode in ("bf16", "fp16", "off"):
+        assert _config(parser.parse_args(["train", "--preset", "smoke", "--amp", mode])).amp == mode
+    with pytest.raises(SystemExit):
+        parser.parse_args(["train", "--amp", "fp8"])
+    assert "fp8" in capsys.readouterr().err

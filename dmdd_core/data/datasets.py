@@ -229,6 +229,11 @@ class SyntheticPairs:
         """The number of training images."""
         return len(self.images)
 
+    def load_textures(self) -> SyntheticPairs:
+        """Decode every texture onto the device now rather than on first use (for timings); returns self."""
+        self.textures.load_all(self.image_size, self.device)
+        return self
+
     def batch(self, step: int) -> TrainPair:
         """The batch of training step ``step`` (0-based): (B,3,S,S), (B,3,S,S), (B,1,S,S) on the device."""
         if step < 0:
