@@ -41,7 +41,7 @@ from PIL import Image
 
 from dmdd_core.data import SyntheticPairs, load_images, open_source
 from dmdd_core.data.loading import _decode_image
-from dmdd_core.synthesis import TextureSource, step_generator, synthesize_anomalies
+from dmdd_core.synthesis import TRAIN_STREAM, TextureSource, step_generator, synthesize_anomalies
 
 SPEED_SCRIPT = Path(__file__).resolve().parent / "speed.py"
 
@@ -135,7 +135,7 @@ def measure(paths: list[Path], category: str, args: argparse.Namespace) -> dict[
         pairs.load_textures().batch(steps)  # warm-up
     started = time.perf_counter()
     for step in range(steps):
-        generator = step_generator(0, step)
+        generator = step_generator(TRAIN_STREAM, 0, step)
         picks = torch.randint(len(paths), (args.batch_size,), generator=generator).tolist()
         decoded = np.stack([_decode_image(paths[i], size) for i in picks])
         normal = torch.from_numpy(decoded).permute(0, 3, 1, 2).to(device).float().div_(255.0)

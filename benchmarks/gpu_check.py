@@ -44,7 +44,14 @@ import torch
 from dmdd_core.config import PRESETS, DMDDConfig, resolve_precision
 from dmdd_core.data import SyntheticPairs, TrainPair, ensure_builtin_dataset
 from dmdd_core.model import DMDD
-from dmdd_core.train import autocast_for, build_optimizers, grad_scaler_for, select_device, train_step
+from dmdd_core.train import (
+    autocast_for,
+    build_optimizers,
+    grad_scaler_for,
+    precision_for,
+    select_device,
+    train_step,
+)
 
 RESULTS = Path(__file__).resolve().parents[1] / "results" / "gpu_check"
 CATEGORY = "brick"
@@ -106,8 +113,7 @@ def measure_training(cfg: DMDDConfig, pairs: SyntheticPairs, device: torch.devic
     model = DMDD(cfg).to(device)
     memory_format = torch.channels_last if cfg.channels_last else torch.contiguous_format
     model.to(memory_format=memory_format)
-    precision = resolve_precision(cfg.amp, device.type, torch.cuda.get_device_capability(device)
-                                  if device.type == "cuda" else None)
+    precision = precision_for(cfg, device)
     autocast, scaler = autocast_for(precision, device), grad_scaler_for(precision, device)
     optimizers = build_optimizers(model, cfg)
     out: dict[str, Any] = {"precision": precision, "channels_last": cfg.channels_last}
@@ -115,6 +121,13 @@ def measure_training(cfg: DMDDConfig, pairs: SyntheticPairs, device: torch.devic
     for stage, optimizer in ((1, optimizers[0]), (2, optimizers[1])):
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(device)
+        # fp16: a new scaler starts at 2^16 and skips the optimiser step while the gradients overflow, which would
+        # make the first steps look short; warm up until its scale has held for three steps (at most 40 steps).
+        stage_warmup, held, scale = warmup, 0, scaler.get_scale() if scaler.is_enabled() else None
+        while scaler.is_enabled() and held < 3 and stage_warmup < warmup + 40:
+            train_step(model, pairs.batch(step), cfg, stage, optimizer, autocast, scaler)
+            step, stage_warmup = step + 1, stage_warmup + 1
+            held, scale = (held + 1, scale) if scaler.get_scale() == scale else (0, scaler.get_scale())
         wait = total = 0.0
         for i in range(warmup + steps):
             sync(device)
@@ -239,10 +252,13 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             continue
         cfg = config(preset, precision, channels_last)
         pairs = SyntheticPairs.from_config(root, CATEGORY, cfg, device=device).load_textures()
+        row = None
         try:
             row = measure_training(cfg, pairs, device, steps, warmup)
-        except torch.OutOfMemoryError:
+        except torch.cuda.OutOfMemoryError:
             report["skipped"].append(f"{label}: out of GPU memory at batch {cfg.batch_size}")
+        if row is None:  # freed here, outside the except block whose traceback holds the model
+            del pairs
             gc.collect()
             torch.cuda.empty_cache()
             continue

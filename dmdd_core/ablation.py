@@ -357,6 +357,7 @@ def write_ablation(out: str | Path, variants: Sequence[Variant], categories: Seq
         "checkpoint rule": CHECKPOINT_RULE,
         "AUPRO": "reference definition (METHOD.md section 8)",
         "device": record.get("device", "?") if record else "?",
+        "precision": record.get("precision", "unrecorded") if record else "?",
         "versions": ", ".join(f"{k} {v}" for k, v in versions().items()),
     }
     text = ablation_markdown(rows, meta)

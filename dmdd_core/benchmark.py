@@ -170,7 +170,7 @@ def _config_difference(saved: dict[str, Any], cfg: DMDDConfig) -> list[str]:
     current = cfg.to_dict()
     saved = saved_config(saved)
     ignored = RESUMABLE_DIFFERENCES | {"seed"}
-    keys = (set(saved) | set(current)) - ignored
+    keys = set(current) - ignored  # a field that no longer exists (num_workers) changes nothing now
     return sorted(f"{k}: {saved.get(k)!r} there, {current.get(k)!r} now" for k in keys if saved.get(k) != current.get(k))
 
 

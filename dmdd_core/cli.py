@@ -187,7 +187,7 @@ def cmd_download(args: argparse.Namespace) -> int:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    from .train import train
+    from .train import precision_for, select_device, train
 
     cfg = _config(args)
     source = _source(args)
@@ -196,10 +196,12 @@ def cmd_train(args: argparse.Namespace) -> int:
         raise FileNotFoundError(f"no categories in {source.root} (read as {source.kind}); check --data and --dataset")
     category = args.category or categories[0]
     out = Path(args.out or f"runs/{category}")
-    print(f"training DMDD ({cfg.preset_name} preset) on {source.root} ({source.kind}), category {category} -> {out}")
+    device = select_device(cfg.device)
+    print(f"training DMDD ({cfg.preset_name} preset) on {source.root} ({source.kind}), category {category} -> {out}; "
+          f"{device}, precision {precision_for(cfg, device)} (--amp {cfg.amp})")
     result = train(cfg, source, category, out, resume=args.resume, skip_bad=args.skip_bad)
     last = result.log[-1] if result.log else {}
-    print(f"done: step {last.get('step', cfg.total_steps)}, checkpoint {result.checkpoint}, teacher {result.model.teacher.name} ({result.model.teacher.source})")
+    print(f"done: step {last.get('step', cfg.total_steps)}, checkpoint {result.checkpoint}, teacher {result.model.teacher.name} ({result.model.teacher.source}), trained in {result.precision}")
     if result.input_report.summary():
         print(f"input: {result.input_report.summary()} (listed in {out / 'log.json'})")
     history = result.validation.get("history", [])

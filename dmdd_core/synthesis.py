@@ -18,6 +18,7 @@ own angle.
 from __future__ import annotations
 
 import math
+import os
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from functools import partial
@@ -43,11 +44,27 @@ GRAYSCALE_TOLERANCE: float = 1e-6
 """An image whose channels differ by at most this everywhere is grayscale."""
 
 
-def step_generator(*keys: int) -> torch.Generator:
-    """A CPU ``torch.Generator`` seeded from a tuple of integers, e.g. (seed, step): the draws of a training step
-    are a function of the keys alone, whatever was drawn before. [ours]"""
-    state = np.random.SeedSequence([int(k) for k in keys]).generate_state(1, dtype=np.uint64)[0]
+TRAIN_STREAM: int = 1
+"""Purpose key of the training batches' generators (:func:`step_generator`)."""
+VALIDATION_STREAM: int = 2
+"""Purpose key of the validation split's anomalies."""
+
+
+def step_generator(purpose: int, *keys: int) -> torch.Generator:
+    """A CPU ``torch.Generator`` seeded from a purpose (:data:`TRAIN_STREAM`, :data:`VALIDATION_STREAM`) and
+    integers, e.g. (seed, step): the draws of a training step are a function of the keys alone, whatever was
+    drawn before, and streams of different purposes or key counts never coincide. [ours]"""
+    entropy = [int(purpose), len(keys), *(int(k) for k in keys)]
+    state = np.random.SeedSequence(entropy).generate_state(1, dtype=np.uint64)[0]
     return torch.Generator().manual_seed(int(state))
+
+
+def _device_key(device: torch.device | str) -> str:
+    """``cuda`` and ``cuda:0`` (the current GPU) are the same device: one cache key for both."""
+    device = torch.device(device)
+    if device.type == "cuda" and device.index is None:
+        device = torch.device("cuda", torch.cuda.current_device())
+    return str(device)
 
 
 def _uniform(n: int | tuple[int, ...], low: float, high: float, generator: torch.Generator) -> Tensor:
@@ -279,7 +296,6 @@ _SKLEARN_FILES: tuple[str, ...] = ("china.jpg", "flower.jpg")
 
 _PROCEDURAL_KINDS: tuple[str, ...] = ("stripes", "checker", "colour_noise", "blobs")
 _PROCEDURAL_SIZE = 384
-_MAX_TEXTURE_SIDE = 1024
 
 
 def _skimage_data_dir() -> Path | None:
@@ -335,16 +351,6 @@ def procedural_texture(kind: str, seed: int, size: int = _PROCEDURAL_SIZE) -> np
     return np.clip(image, 0.0, 1.0).astype(np.float32)
 
 
-def _to_uint8_capped(image: np.ndarray) -> np.ndarray:
-    """(H,W,3) float [0,1] -> uint8, the longest side shrunk to at most _MAX_TEXTURE_SIDE (memory)."""
-    pil = Image.fromarray(np.round(np.clip(image, 0.0, 1.0) * 255.0).astype(np.uint8))
-    longest = max(pil.size)
-    if longest > _MAX_TEXTURE_SIDE:
-        scale = _MAX_TEXTURE_SIDE / longest
-        pil = pil.resize((round(pil.size[0] * scale), round(pil.size[1] * scale)), Image.Resampling.BICUBIC)
-    return np.asarray(pil)
-
-
 class TextureSource:
     """A set of texture images T for the synthesis, decoded lazily, once, and kept as uint8. [ours]
 
@@ -357,7 +363,6 @@ class TextureSource:
             raise ValueError("a TextureSource needs at least one texture")
         self._loaders = dict(loaders)
         self._names = tuple(self._loaders)
-        self._cache: dict[str, np.ndarray] = {}
         self._tensors: dict[tuple[str, int, str], Tensor] = {}
 
     @property
@@ -369,7 +374,7 @@ class TextureSource:
         return len(self._names)
 
     def __repr__(self) -> str:
-        return f"TextureSource({len(self)} textures, {len(self._cache) + len(self._tensors)} loaded)"
+        return f"TextureSource({len(self)} textures, {len(self._tensors)} loaded)"
 
     @classmethod
     def builtin(cls, exclude: Iterable[str] = (), seed: int = 0, variants: int = 2) -> TextureSource:
@@ -416,36 +421,42 @@ class TextureSource:
                                     f"{root}")
         return cls({str(p.relative_to(root)): partial(read_rgb, p) for p in files})
 
-    def image(self, name: str) -> np.ndarray:
-        """The full texture ``name`` as (H,W,3) uint8, loaded on first use and cached."""
-        cached = self._cache.get(name)
-        if cached is None:
-            cached = _to_uint8_capped(self._loaders[name]())
-            self._cache[name] = cached
-        return cached
-
     def tensor(self, name: str, short_side: int, device: torch.device | str = "cpu") -> Tensor:
         """Texture ``name`` as a (3,h,w) uint8 tensor on ``device``, its shorter side shrunk (antialiased) to at
         most ``short_side``; decoded and moved once, then served from the cache. [ours]"""
-        key = (name, int(short_side), str(torch.device(device)))
+        key = (name, int(short_side), _device_key(device))
         cached = self._tensors.get(key)
         if cached is None:
-            image = self._loaders[name]()  # float [0,1]; not kept: the uint8 tensor is the cache
-            pil = Image.fromarray(np.round(np.clip(image, 0.0, 1.0) * 255.0).astype(np.uint8))
-            shorter = min(pil.size)
-            if shorter > short_side:
-                scale = short_side / shorter
-                size = (max(1, round(pil.size[0] * scale)), max(1, round(pil.size[1] * scale)))
-                pil = pil.resize(size, Image.Resampling.BICUBIC)
-            cached = torch.from_numpy(np.array(pil)).permute(2, 0, 1).contiguous().to(device)
+            cached = self._decode(name, short_side).to(device)
             self._tensors[key] = cached
         return cached
 
-    def load_all(self, image_side: int, device: torch.device | str = "cpu") -> None:
-        """Decode every texture now, for images of side ``image_side`` (otherwise each is decoded on first use:
-        the first training steps then take longer, which would distort a timing)."""
-        for name in self._names:
-            self.tensor(name, math.ceil(TEXTURE_OVERSAMPLE * image_side), device)
+    def _decode(self, name: str, short_side: int) -> Tensor:
+        """Read texture ``name`` and shrink it: (3,h,w) uint8 on the CPU."""
+        pil = Image.fromarray(np.round(np.clip(self._loaders[name](), 0.0, 1.0) * 255.0).astype(np.uint8))
+        shorter = min(pil.size)
+        if shorter > short_side:
+            scale = short_side / shorter
+            size = (max(1, round(pil.size[0] * scale)), max(1, round(pil.size[1] * scale)))
+            pil = pil.resize(size, Image.Resampling.BICUBIC)
+        return torch.from_numpy(np.array(pil)).permute(2, 0, 1).contiguous()
+
+    def load_all(self, image_side: int, device: torch.device | str = "cpu", progress: bool | None = None) -> None:
+        """Decode every texture now, in a thread pool, for images of side ``image_side`` (otherwise each is decoded
+        on first use, in the training loop, which then waits)."""
+        from concurrent.futures import ThreadPoolExecutor
+
+        from tqdm.auto import tqdm
+
+        from dmdd_core.config import progress_disabled
+
+        short_side = math.ceil(TEXTURE_OVERSAMPLE * image_side)
+        missing = [n for n in self._names if (n, short_side, _device_key(device)) not in self._tensors]
+        with ThreadPoolExecutor(max_workers=min(8, os.cpu_count() or 1)) as pool:
+            decoded = pool.map(lambda name: (name, self._decode(name, short_side)), missing)
+            for name, texture in tqdm(decoded, total=len(missing), desc="decode textures",
+                                      disable=progress_disabled(progress) or len(missing) < 100):
+                self._tensors[(name, short_side, _device_key(device))] = texture.to(device)
 
     def values_at(self, draws: TextureDraws, where: Tensor) -> tuple[Tensor, Tensor]:
         """Texture values at the pixels ``where`` (B,H,W) bool is True: (points (P,3) long as (sample, row,
@@ -477,8 +488,9 @@ class TextureSource:
             top = draws.top.numpy()[rows] * (tex_h - crop_h)
             left = draws.left.numpy()[rows] * (tex_w - crop_w)
             # Only the rows and columns the group's crops cover are turned to float.
-            y0, y1 = int(np.floor(top.min())), min(tex_h, int(np.ceil((top + crop_h).max())) + 1)
-            x0, x1 = int(np.floor(left.min())), min(tex_w, int(np.ceil((left + crop_w).max())) + 1)
+            # (bilinear reads reach half a texel beyond the crop: one more row and column on each side)
+            y0, y1 = max(0, int(np.floor(top.min() - 0.5))), min(tex_h, int(np.ceil((top + crop_h).max())) + 1)
+            x0, x1 = max(0, int(np.floor(left.min() - 0.5))), min(tex_w, int(np.ceil((left + crop_w).max())) + 1)
             coef[rows, 0] = 2.0 * crop_w / (out_w * (x1 - x0))
             coef[rows, 1] = 2.0 * (left - x0) / (x1 - x0) - 1.0
             coef[rows, 2] = 2.0 * crop_h / (out_h * (y1 - y0))

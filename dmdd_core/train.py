@@ -19,6 +19,7 @@ import random
 import sys
 import tempfile
 import time
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -51,9 +52,21 @@ TIMING_KEYS = ("step", "stage", "seconds", "data_seconds")
 AUTOCAST_DTYPES: dict[str, torch.dtype] = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
 
+SYNTHESIS_VERSION = 2
+"""The training batches' recipe as code: 1 per sample in numpy, 2 batched in torch. A run resumed with another
+version trains on other batches after the resumption than an uninterrupted run would."""
+
+
 def precision_for(cfg: DMDDConfig, device: torch.device) -> Precision:
     """The precision ``cfg.amp`` gives on ``device`` (:func:`~dmdd_core.config.resolve_precision`)."""
-    return resolve_precision(cfg.amp, device.type)
+    capability = torch.cuda.get_device_capability(device) if device.type == "cuda" else None
+    return resolve_precision(cfg.amp, device.type, capability)
+
+
+def legacy_precision(config: dict[str, Any]) -> str:
+    """What a checkpoint written before precisions were recorded trained in: fp32 when ``amp`` was off (a bool
+    then), unrecorded otherwise (bf16 on a GPU, fp32 on a CPU)."""
+    return "fp32" if config.get("amp") is False else "unrecorded"
 
 
 def autocast_for(precision: Precision, device: torch.device) -> torch.autocast:
@@ -182,7 +195,7 @@ class TrainResult:
     """Validation-split metrics during training and the thresholds chosen on it (empty without a val split)."""
     input_report: InputReport
     """Training and validation files skipped with ``skip_bad``."""
-    precision: str = "fp32"
+    precision: str = "unrecorded"
     """The precision it trained in (:func:`precision_summary`), e.g. "bf16", or "fp32 then bf16" for a run resumed
     on another device."""
 
@@ -249,7 +262,7 @@ def model_from_state(state: dict[str, Any]) -> DMDD:
     teacher.source = state["teacher"]["source"]
     model = DMDD(DMDDConfig.from_dict(state["config"]), teacher=teacher)
     model.load_state_dict(state["model"])
-    model.training_precision = str(state.get("precision", "unrecorded"))
+    model.training_precision = str(state.get("precision") or legacy_precision(state["config"]))
     return model
 
 
@@ -328,6 +341,15 @@ def train(
         start_step, log = int(state["step"]), list(state["log"])
         validation = dict(state.get("validation") or validation)
         sessions = list(state.get("sessions") or [])
+        if not sessions and start_step > 0:  # written before sessions were recorded
+            sessions.append({"start_step": 0, "device": "unrecorded", "precision": legacy_precision(state["config"])})
+        if state.get("synthesis_version", 1) != SYNTHESIS_VERSION:
+            warnings.warn(
+                f"{ckpt_path} was written with synthesis version {state.get('synthesis_version', 1)}, this package "
+                f"makes version {SYNTHESIS_VERSION}: the batches after step {start_step} differ from those an "
+                "uninterrupted run of either version would see. Pass resume=False (--no-resume) to start over.",
+                stacklevel=2,
+            )
     else:
         if teacher is None:
             teacher = build_teacher(cfg)
@@ -349,7 +371,10 @@ def train(
     scaler = grad_scaler_for(precision, device)
     if state is not None and state.get("scaler") and scaler.is_enabled():
         scaler.load_state_dict(state["scaler"])
-    sessions.append({"start_step": start_step, "device": str(device), "precision": precision})
+    sessions.append({"start_step": start_step, "device": str(device), "precision": precision,
+                     "synthesis_version": SYNTHESIS_VERSION})
+    if start_step < (cfg.total_steps if stop_at_step is None else min(cfg.total_steps, stop_at_step)):
+        pairs.load_textures(progress)  # decoded now, in threads, not in the first steps
 
     def save(step: int) -> None:
         atomic_save(
@@ -372,7 +397,9 @@ def train(
                 "model": model.state_dict(),
                 "opt_student": opt_student.state_dict(),
                 "opt_seg": opt_seg.state_dict(),
-                "scaler": scaler.state_dict(),
+                # A disabled scaler (bf16, fp32) keeps the state of an earlier fp16 session.
+                "scaler": scaler.state_dict() if scaler.is_enabled() else (state or {}).get("scaler", {}),
+                "synthesis_version": SYNTHESIS_VERSION,
                 "precision": precision_summary(sessions),
                 "sessions": sessions,
                 "rng_cpu": torch.get_rng_state(),
@@ -405,7 +432,7 @@ def train(
         sessions.pop()  # nothing trained in this session
         return result()
 
-    bar = tqdm(total=total, initial=start_step, desc=f"DMDD {category}", disable=progress_disabled(progress), file=sys.stderr)
+    bar = tqdm(total=total, initial=start_step, desc=f"DMDD {category} {precision}", disable=progress_disabled(progress), file=sys.stderr)
     autocast = autocast_for(precision, device)
     step = start_step
     started = step_started = time.perf_counter()
@@ -424,7 +451,7 @@ def train(
                 entry["data_seconds"] = round(data_seconds, 4)
                 log.append(entry)
                 bar.set_postfix({k: f"{v:.4f}" for k, v in entry.items() if k not in TIMING_KEYS}, refresh=False)
-                bar.set_description(f"DMDD {category} stage {stage}")
+                bar.set_description(f"DMDD {category} {precision} stage {stage}")
                 bar.update(1)
                 due = step % cfg.checkpoint_every == 0 or step == stop or step == cfg.stage1_steps
                 if due:

@@ -175,9 +175,9 @@ def test_blend_follows_the_formula_and_beta_is_uniform(tmp_path: Path) -> None:
 def test_same_generator_same_batch_and_steps_differ() -> None:
     textures = TextureSource.builtin()
     images = torch.rand(6, 3, 48, 48, generator=_gen(0))
-    first = synthesize_anomalies(images, textures, step_generator(3, 10), category="bottle")
-    again = synthesize_anomalies(images, textures, step_generator(3, 10), category="bottle")
-    other = synthesize_anomalies(images, textures, step_generator(3, 11), category="bottle")
+    first = synthesize_anomalies(images, textures, step_generator(1, 3, 10), category="bottle")
+    again = synthesize_anomalies(images, textures, step_generator(1, 3, 10), category="bottle")
+    other = synthesize_anomalies(images, textures, step_generator(1, 3, 11), category="bottle")
     for a, b in zip(first, again, strict=True):
         assert torch.equal(a, b)
     assert not torch.equal(first[1], other[1])
@@ -305,9 +305,10 @@ def test_builtin_textures_load_offline(monkeypatch: pytest.MonkeyPatch) -> None:
     assert any(n.startswith("skimage:") for n in textures.names)
     assert any(n.startswith("sklearn:") for n in textures.names)
     assert any(n.startswith("procedural:") for n in textures.names)
+    textures.load_all(64)
     for name in textures.names:
-        full = textures.image(name)
-        assert full.dtype == np.uint8 and full.ndim == 3 and full.shape[2] == 3
+        kept = textures.tensor(name, 96)
+        assert kept.dtype == torch.uint8 and kept.ndim == 3 and kept.shape[0] == 3 and min(kept.shape[1:]) <= 96
     crops = textures.crops(TextureDraws.draw(len(textures), len(textures), _gen(0)), (50, 70))
     assert crops.shape == (len(textures), 3, 50, 70) and 0.0 <= crops.min() and crops.max() <= 1.0
 
@@ -342,3 +343,29 @@ def test_texture_source_from_folder_errors(tmp_path: Path) -> None:
 def test_synthesis_rejects_images_that_are_not_a_batch() -> None:
     with pytest.raises(ValueError, match=r"\(B,3,H,W\)"):
         synthesize_anomalies(torch.rand(3, 32, 32), TextureSource.builtin(), _gen(0))
+
+
+def test_generators_of_different_purposes_or_key_counts_differ() -> None:
+    draws = [torch.rand(4, generator=g) for g in (step_generator(1, 0, 1), step_generator(1, 0, 1, 0),
+                                                 step_generator(2, 0, 1), step_generator(1, 0, 2))]
+    for i in range(len(draws)):
+        for j in range(i):
+            assert not torch.equal(draws[i], draws[j])
+    assert torch.equal(torch.rand(4, generator=step_generator(1, 0, 1)), draws[0])
+
+
+def test_a_crop_reads_the_texture_as_a_whole_texture_read_would() -> None:
+    """Only the covered rows and columns are turned to float; the edges of that region must not change values."""
+    texture = np.random.default_rng(0).uniform(size=(90, 120, 3)).astype(np.float32)
+    textures = TextureSource({"t": lambda: texture})
+    draws = TextureDraws.draw(32, 1, _gen(2))
+    kept = textures.tensor("t", 150).float() / 255.0
+    for b in range(32):  # one crop per call: the region turned to float is that crop's own
+        one = TextureDraws(*(t[b : b + 1] for t in (draws.index, draws.scale, draws.top, draws.left)))
+        crop = textures.crops(one, (100, 100))[0]  # 27 to 90 px stretched to 100: bilinear upsampling
+        side = (0.3 + 0.7 * float(draws.scale[b])) * 90
+        top, left = float(draws.top[b]) * (90 - side), float(draws.left[b]) * (120 - side)
+        theta = torch.tensor([[[side / 120, 0.0, (2 * left + side) / 120 - 1], [0.0, side / 90, (2 * top + side) / 90 - 1]]])
+        grid = F.affine_grid(theta, [1, 3, 100, 100], align_corners=False)
+        whole = F.grid_sample(kept[None], grid, mode="bilinear", padding_mode="border", align_corners=False)[0]
+        torch.testing.assert_close(crop, whole, atol=1e-4, rtol=0)  # float32 rounding of the coordinates

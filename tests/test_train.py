@@ -401,3 +401,22 @@ def test_fp16_with_a_gradient_scaler_trains_and_resumes_exactly(builtin_root: Pa
     assert whole.log[0]["loss"] != pytest.approx(
         train(random_teacher_smoke(), builtin_root, CATEGORY, tmp_path / "fp32", progress=False).log[0]["loss"], abs=1e-7
     )
+
+
+def test_a_checkpoint_from_before_precisions_and_batched_synthesis_resumes_with_a_warning(
+    builtin_root: Path, tmp_path: Path
+) -> None:
+    cfg = random_teacher_smoke()
+    train(cfg, builtin_root, CATEGORY, tmp_path, stop_at_step=1, progress=False)
+    path = tmp_path / CHECKPOINT_NAME
+    state = torch.load(path, weights_only=True)
+    for key in ("sessions", "precision", "synthesis_version", "scaler"):
+        del state[key]
+    state["config"] = {**state["config"], "amp": False, "num_workers": -1}  # as the earlier version saved it
+    torch.save(state, path)
+    assert load_checkpoint(path)[0].training_precision == "fp32"
+    with pytest.warns(UserWarning, match="synthesis version 1"):
+        resumed = train(cfg, builtin_root, CATEGORY, tmp_path, progress=False)
+    assert resumed.resumed_from == 1 and resumed.precision == "fp32"
+    state = torch.load(path, weights_only=True)
+    assert [s["start_step"] for s in state["sessions"]] == [0, 1] and state["synthesis_version"] == 2

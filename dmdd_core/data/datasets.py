@@ -15,6 +15,7 @@ Images come out as (3,S,S) float tensors in [0,1]; the model normalises them wit
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, NamedTuple
@@ -26,7 +27,7 @@ from torch.utils.data import Dataset
 
 from dmdd_core.data.loading import InputReport, load_images, load_test_items
 from dmdd_core.data.sources import GOOD, DataSource, as_source
-from dmdd_core.synthesis import TextureSource, step_generator, synthesize_anomalies
+from dmdd_core.synthesis import TRAIN_STREAM, VALIDATION_STREAM, TextureSource, step_generator, synthesize_anomalies
 
 if TYPE_CHECKING:
     from collections.abc import Iterator, Sequence
@@ -150,9 +151,15 @@ class CategoryData:
 
 def default_textures(category: str, cfg: DMDDConfig) -> TextureSource:
     """``cfg.texture_dir`` if set, else the built-in textures without the category's own material (a built-in
-    category would otherwise paste itself). [ours]"""
-    if cfg.texture_dir:
-        return TextureSource.from_folder(cfg.texture_dir)
+    category would otherwise paste itself). [ours] The same source is returned again for the same arguments
+    within a process, so its decoded textures serve every run (the benchmark's tasks, a notebook's models)."""
+    return _textures(cfg.texture_dir, category)
+
+
+@functools.lru_cache(maxsize=2)
+def _textures(texture_dir: str | None, category: str) -> TextureSource:
+    if texture_dir:
+        return TextureSource.from_folder(texture_dir)
     return TextureSource.builtin(exclude=(category,))
 
 
@@ -160,7 +167,7 @@ def default_textures(category: str, cfg: DMDDConfig) -> TextureSource:
 class SyntheticPairs:
     """The training batches of a run: batch s is a pure function of (seed, s). [DeSTSeg recipe; batching ours]
 
-    ``batch(s)`` draws everything from :func:`~dmdd_core.synthesis.step_generator` ``(seed, s)``: which training
+    ``batch(s)`` draws everything from :func:`~dmdd_core.synthesis.step_generator` ``(TRAIN_STREAM, seed, s)``: which training
     images (uniformly, with replacement), their rotation (if ``rotate``), the masks, the textures and beta, then
     runs :func:`~dmdd_core.synthesis.synthesize_anomalies` on ``device``. Resuming at step s therefore gives
     the batches an uninterrupted run would have seen. The training images are held on ``device`` as one
@@ -186,8 +193,8 @@ class SyntheticPairs:
             raise ValueError(f"images must be a non-empty (N,S,S,3) uint8 array, got {images.dtype} {images.shape}")
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-        self.device = torch.device(device)
-        self.images = torch.from_numpy(np.ascontiguousarray(images.transpose(0, 3, 1, 2))).to(self.device)
+        self.images = torch.from_numpy(np.ascontiguousarray(images.transpose(0, 3, 1, 2))).to(device)
+        self.device = self.images.device
         self.category = category
         self.image_size = int(images.shape[1])
         self.textures = textures
@@ -229,16 +236,17 @@ class SyntheticPairs:
         """The number of training images."""
         return len(self.images)
 
-    def load_textures(self) -> SyntheticPairs:
-        """Decode every texture onto the device now rather than on first use (for timings); returns self."""
-        self.textures.load_all(self.image_size, self.device)
+    def load_textures(self, progress: bool | None = None) -> SyntheticPairs:
+        """Decode every texture onto the device now, in a thread pool, rather than in the first training steps;
+        returns self."""
+        self.textures.load_all(self.image_size, self.device, progress)
         return self
 
     def batch(self, step: int) -> TrainPair:
         """The batch of training step ``step`` (0-based): (B,3,S,S), (B,3,S,S), (B,1,S,S) on the device."""
         if step < 0:
             raise IndexError(f"step must be >= 0, got {step}")
-        generator = step_generator(self.seed, step)
+        generator = step_generator(TRAIN_STREAM, self.seed, step)
         picks = torch.randint(len(self.images), (self.batch_size,), generator=generator)
         normal = self.images[picks.to(self.device)].float().div_(255.0)
         original, augmented, mask = synthesize_anomalies(
@@ -347,16 +355,16 @@ class ValidationDataset(LabelledDataset):
         normal = torch.from_numpy(np.ascontiguousarray(images.transpose(0, 3, 1, 2))).float().div_(255.0)
         anomalous = torch.empty_like(normal)
         masks = torch.zeros(len(images), 1, *normal.shape[-2:])
-        pending = torch.arange(len(images))
-        for attempt in range(100):  # redraw the anomalies whose mask covers under 0.5 % of the image
-            _, augmented, mask = synthesize_anomalies(
-                normal[pending], textures, step_generator(seed, 1, attempt), beta_max=beta_max,
-                max_scale_exp=max_scale_exp, threshold=threshold, match_grayscale=match_grayscale,
-            )
-            anomalous[pending], masks[pending] = augmented, mask
-            pending = pending[mask.flatten(1).mean(dim=1) < 0.005]
-            if len(pending) == 0:
-                break
+        for i in range(len(images)):  # image i's anomaly depends on (seed, i) alone
+            for attempt in range(100):  # redrawn while its mask covers under 0.5 % of the image
+                _, augmented, mask = synthesize_anomalies(
+                    normal[i : i + 1], textures, step_generator(VALIDATION_STREAM, seed, i, attempt),
+                    beta_max=beta_max, max_scale_exp=max_scale_exp, threshold=threshold,
+                    match_grayscale=match_grayscale,
+                )
+                if mask.mean() >= 0.005:
+                    break
+            anomalous[i], masks[i] = augmented[0], mask[0]
         anomalous_u8 = anomalous.clamp(0.0, 1.0).mul(255.0).round().to(torch.uint8).permute(0, 2, 3, 1).numpy()
         size = images.shape[1]
         n = len(images)
