@@ -352,7 +352,7 @@ class ValidationDataset(LabelledDataset):
     ) -> None:
         if len(images) == 0:
             raise ValueError(f"the validation split of {category!r} is empty (val_fraction = 0, or too few images)")
-        normal = torch.from_numpy(np.ascontiguousarray(images.transpose(0, 3, 1, 2))).float().div_(255.0)
+        normal = images_to_tensor(images)
         anomalous = torch.empty_like(normal)
         masks = torch.zeros(len(images), 1, *normal.shape[-2:])
         for i in range(len(images)):  # image i's anomaly depends on (seed, i) alone
