@@ -38,7 +38,7 @@ import torch
 
 from .config import DMDDConfig
 from .data import DataSource, as_source
-from .train import RESUMABLE_DIFFERENCES, atomic_write_text, saved_config
+from .train import RESUMABLE_DIFFERENCES, atomic_write_text, config_differences
 
 RESULTS_DIR = "results"
 RUNS_DIR = "runs"
@@ -166,14 +166,6 @@ def describe_device(device: torch.device) -> str:
 
 
 # --- one task -------------------------------------------------------------------------------------------------
-def _config_difference(saved: dict[str, Any], cfg: DMDDConfig) -> list[str]:
-    current = cfg.to_dict()
-    saved = saved_config(saved)
-    ignored = RESUMABLE_DIFFERENCES | {"seed"}
-    keys = set(current) - ignored  # a field that no longer exists (num_workers) changes nothing now
-    return sorted(f"{k}: {saved.get(k)!r} there, {current.get(k)!r} now" for k in keys if saved.get(k) != current.get(k))
-
-
 def load_result(path: Path) -> dict[str, Any] | None:
     """A task's result file, or None when it is missing or unreadable (an unreadable one is done again)."""
     try:
@@ -187,7 +179,7 @@ def _is_done(result: dict[str, Any] | None, cfg: DMDDConfig, resolution: str, pr
     an error (mixing them would corrupt the table); one of other evaluation settings is evaluated again."""
     if result is None:
         return False
-    difference = _config_difference(result.get("config", {}), cfg)
+    difference = config_differences(result.get("config", {}), cfg, RESUMABLE_DIFFERENCES | {"seed"})
     if difference:
         raise ValueError(
             f"{path} was made with another configuration ({'; '.join(difference)}); "
@@ -244,10 +236,11 @@ def run_task(
     """
     import matplotlib.pyplot as plt
 
+    from .fit import fit
     from .infer import evaluate
     from .plots import save_figure
     from .report import example_figure
-    from .train import select_device, train
+    from .train import select_device
 
     run_dir = out / RUNS_DIR / task.category / f"seed{task.seed}"
     timing_path = run_dir / "wall_time.json"
@@ -255,7 +248,7 @@ def run_task(
     task_cfg = cfg.replace(seed=task.seed)
     started = time.perf_counter()
     try:
-        result = train(task_cfg, source, task.category, run_dir, teacher=teacher, resume=resume, skip_bad=skip_bad, progress=progress)
+        result = fit(task_cfg, source, task.category, run_dir, teacher=teacher, resume=resume, skip_bad=skip_bad, progress=progress)
     except KeyboardInterrupt:
         run_dir.mkdir(parents=True, exist_ok=True)
         atomic_write_text(json.dumps({"train_seconds": spent + time.perf_counter() - started}), timing_path)

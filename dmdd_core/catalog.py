@@ -97,10 +97,3 @@ def rotation_policy(category: str) -> Policy:
     """The rotation policy of ``category``; "none" for categories not in :data:`ROTATION_POLICY`. [ours]"""
     return ROTATION_POLICY.get(category, "none")
 
-
-def dataset_of(category: str) -> str | None:
-    """The name of the known dataset that has ``category``, or None."""
-    for info in DATASETS.values():
-        if category in info.categories:
-            return info.name
-    return None

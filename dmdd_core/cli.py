@@ -187,7 +187,8 @@ def cmd_download(args: argparse.Namespace) -> int:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    from .train import precision_for, select_device, train
+    from .fit import fit
+    from .train import precision_for, select_device
 
     cfg = _config(args)
     source = _source(args)
@@ -199,7 +200,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     device = select_device(cfg.device)
     print(f"training DMDD ({cfg.preset_name} preset) on {source.root} ({source.kind}), category {category} -> {out}; "
           f"{device}, precision {precision_for(cfg, device)} (--amp {cfg.amp})")
-    result = train(cfg, source, category, out, resume=args.resume, skip_bad=args.skip_bad)
+    result = fit(cfg, source, category, out, resume=args.resume, skip_bad=args.skip_bad)
     last = result.log[-1] if result.log else {}
     print(f"done: step {last.get('step', cfg.total_steps)}, checkpoint {result.checkpoint}, teacher {result.model.teacher.name} ({result.model.teacher.source}), trained in {result.precision}")
     if result.input_report.summary():
@@ -258,9 +259,8 @@ def cmd_quickstart(args: argparse.Namespace) -> int:
 
 
 def cmd_benchmark(args: argparse.Namespace) -> int:
-    import signal
-
     from .benchmark import merge, run_benchmark
+    from .interrupt import sigterm_as_interrupt
 
     if args.merge_only:
         if not args.out:
@@ -270,17 +270,15 @@ def cmd_benchmark(args: argparse.Namespace) -> int:
     cfg = _config(args)
     source = _source(args)
     out = Path(args.out or f"runs/benchmark/{source.kind}_{cfg.preset_name}")
-    # A scheduler's or torchrun's SIGTERM stops like Ctrl-C: the checkpoint is saved and a rerun resumes.
-    signal.signal(signal.SIGTERM, signal.default_int_handler)
+    sigterm_as_interrupt()  # a scheduler's or torchrun's SIGTERM stops like Ctrl-C; a rerun resumes
     run_benchmark(cfg, source, out, categories=args.categories, seeds=args.seeds, resolution=args.resolution,
                   pro_variants=args.pro_variants, resume=args.resume, skip_bad=args.skip_bad)
     return 0
 
 
 def cmd_ablate(args: argparse.Namespace) -> int:
-    import signal
-
     from .ablation import VARIANTS, run_ablation, select_variants
+    from .interrupt import sigterm_as_interrupt
 
     if args.list:
         for v in VARIANTS.values():
@@ -291,7 +289,7 @@ def cmd_ablate(args: argparse.Namespace) -> int:
     cfg = _config(args)
     source = _source(args)
     out = Path(args.out or f"runs/ablation/{source.kind}_{cfg.preset_name}")
-    signal.signal(signal.SIGTERM, signal.default_int_handler)
+    sigterm_as_interrupt()
     run_ablation(cfg, source, out, variants=variants, categories=args.categories, seeds=args.seeds, resume=args.resume)
     return 0
 

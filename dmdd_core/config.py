@@ -7,14 +7,13 @@ Every field carries its provenance, as in the method card (docs/METHOD.md):
 - [ours]    a choice this package makes where the paper is silent. Each one is a field, so the ablation
             notebook can switch it.
 
-Presets: ``paper`` is the full setting of the method card, ``fast`` trains in about two minutes on two CPU
+Presets: ``paper`` is the full setting of the method card, ``fast`` trains in about three minutes on two CPU
 cores, ``smoke`` runs a handful of steps (tests).
 """
 
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
 from dataclasses import dataclass, field
 from typing import Any, Literal
@@ -173,11 +172,6 @@ class DMDDConfig:
         values.update(overrides)
         return cls(preset_name=name, **values)
 
-    @classmethod
-    def from_env(cls, **overrides: Any) -> DMDDConfig:
-        """``fast`` when the environment sets DMDD_FAST=1 (CI, tests), else ``paper``."""
-        return cls.preset("fast" if is_fast_mode() else "paper", **overrides)
-
     def replace(self, **changes: Any) -> DMDDConfig:
         unknown = set(changes) - {f.name for f in dataclasses.fields(self)}
         if unknown:
@@ -193,9 +187,6 @@ class DMDDConfig:
     def from_dict(cls, d: dict[str, Any]) -> DMDDConfig:
         known = {f.name for f in dataclasses.fields(cls)}
         return cls(**normalise_saved({k: v for k, v in d.items() if k in known}))
-
-    def to_json(self) -> str:
-        return json.dumps(self.to_dict(), indent=2)
 
 
 AMP_MODES: tuple[str, ...] = ("auto", "bf16", "fp16", "off")

@@ -68,13 +68,8 @@ def rgb_array(img: Image.Image, size: tuple[int, int] | None = None) -> np.ndarr
     return np.asarray(rgb, dtype=np.float32) / 255.0
 
 
-def read_binary_mask(path: str | Path, size: tuple[int, int] | None = None) -> np.ndarray:
-    """Mask file -> (H,W) float32 in {0,1}: any non-zero colour channel is foreground; nearest resize."""
-    return binary_mask_array(open_image(path), size)
-
-
 def binary_mask_array(img: Image.Image, size: tuple[int, int] | None = None) -> np.ndarray:
-    """A decoded mask -> (H,W) float32 in {0,1}, as :func:`read_binary_mask`."""
+    """A decoded mask -> (H,W) float32 in {0,1}: any non-zero colour channel is foreground; nearest resize."""
     arr = np.asarray(img)
     if arr.ndim == 3:
         colour_channels = 1 if img.mode in ("LA", "La", "PA") else min(arr.shape[2], 3)

@@ -41,7 +41,7 @@ from .data import (
     default_textures,
     images_to_tensor,
 )
-from .data.loading import _parallel
+from .data.loading import parallel_map
 from .imageio import IMAGE_EXTENSIONS, binary_mask_array, open_image, rgb_array
 from .metrics import (
     ImageSet,
@@ -53,26 +53,11 @@ from .metrics import (
     pixel_metrics,
 )
 from .model import DMDD
+from .protocol import AUPRO_DEFINITION, CHECKPOINT_RULE, METRICS, RESOLUTIONS, resolution_text
 
-RESOLUTIONS = ("input", "original")
-"""Where :func:`evaluate` computes the pixel metrics: at the model's input size, or at each test image's own."""
-
-METRIC_KEYS: dict[str, str] = {
-    "image_auroc": "image AUROC: image scores against image labels",
-    "image_f1_max": "image F1-max: best F1 of the image scores over every threshold on this split (a figure to "
-    "report; the thresholds applied to new images come from the validation split)",
-    "pixel_auroc": "pixel AUROC: every pixel of every image, good images included",
-    "pixel_ap": "pixel AP: average precision over every pixel of every image",
-    "pixel_f1_max": "pixel F1-max: best F1 over every threshold, every pixel of every image pooled",
-    "aupro": "AUPRO, the reference (MVTec AD): dataset-level exact PRO curve, 8-connected regions, FPR over all "
-    "anomaly-free pixels (good images included), integrated to FPR 0.3, area / 0.3",
-    "aupro_per_image": "variant, not the reference: AUPRO of each defective image alone, averaged over them "
-    "(ignores false positives on good images)",
-    "aupro_linear_200": "variant, not the reference: PRO at 200 linearly spaced thresholds, FPRs rescaled by the "
-    "largest one kept under 0.3",
-}
-"""What each key of :attr:`Evaluation.metrics` (and ``baseline``) means; the two ``aupro_*`` keys are absent
-when :func:`evaluate` is called with ``pro_variants=False``."""
+METRIC_KEYS: dict[str, str] = {m.key: f"{m.label}: {m.definition}" for m in METRICS}
+"""What each key of :attr:`Evaluation.metrics` (and ``baseline``) means (:mod:`dmdd_core.protocol`); the two PRO
+variants are absent when :func:`evaluate` is called with ``pro_variants=False``."""
 
 
 @dataclass
@@ -140,7 +125,7 @@ class Evaluation:
     num_defective: int
     split: str = "test"
     """"test" (the dataset's labelled test images) or "val" (held-out training images, synthetic anomalies)."""
-    checkpoint_rule: str = "last step"
+    checkpoint_rule: str = CHECKPOINT_RULE
     data: dict[str, str] = field(default_factory=dict)
     """The dataset it was computed on (root, kind...)."""
     input_report: InputReport = field(default_factory=InputReport)
@@ -156,15 +141,8 @@ class Evaluation:
 
     @property
     def metric_resolution_text(self) -> str:
-        """In words, e.g. "the model's input, 128x128", "each image's original size (all 1024x1024)" or "each
-        image's original size (2 sizes: 80 at 1024x1024, 20 at 900x900)"; the most frequent sizes first."""
-        if self.metric_resolution == "input":
-            return f"the model's input, {self.resolution}x{self.resolution}"
-        found = sorted(self.metric_sizes.items(), key=lambda kv: (-kv[1], kv[0]))
-        if len(found) <= 1:
-            return "each image's original size" + (f" (all {found[0][0]})" if found else "")
-        listed = ", ".join(f"{n} at {size}" for size, n in found[:4]) + (", ..." if len(found) > 4 else "")
-        return f"each image's original size ({len(found)} sizes: {listed})"
+        """In words (:func:`~dmdd_core.protocol.resolution_text`), e.g. "the model's input, 128x128"."""
+        return resolution_text(self.metric_resolution, self.resolution, self.metric_sizes)
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -178,8 +156,7 @@ class Evaluation:
             "metric_resolution": self.metric_resolution_text,
             "metric_resolution_setting": self.metric_resolution,
             "metric_sizes": self.metric_sizes,
-            "aupro_definition": "reference: dataset-level, 8-connected regions, FPR over all anomaly-free pixels "
-            "(good images included), exact curve, limit 0.3, area / 0.3",
+            "aupro_definition": AUPRO_DEFINITION,
             "metric_keys": {k: v for k, v in METRIC_KEYS.items() if k in self.metrics},
             "num_images": self.num_images,
             "num_defective": self.num_defective,
@@ -249,7 +226,7 @@ def _original_mask(item: TestItem) -> np.ndarray:
 def original_masks(items: Sequence[TestItem], progress: bool | None = None) -> list[np.ndarray]:
     """The ground truth of each test item at its original size (see :func:`_original_mask`), read in a thread
     pool, in order."""
-    return _parallel(_original_mask, list(items), "read masks", progress)
+    return parallel_map(_original_mask, list(items), "read masks", progress)
 
 
 def original_size_metrics(labels: np.ndarray, scores: np.ndarray, maps: np.ndarray, masks: Sequence[np.ndarray],

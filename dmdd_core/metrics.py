@@ -18,6 +18,8 @@ from typing import TypeAlias
 import numpy as np
 from scipy import ndimage
 
+from .protocol import FPR_LIMIT
+
 ImageSet: TypeAlias = "np.ndarray | Sequence[np.ndarray]"
 """A test set's masks or maps: one (N,H,W) array, or a sequence of N 2-D arrays (sizes may differ)."""
 
@@ -156,8 +158,6 @@ def pixel_ap(masks: ImageSet, maps: ImageSet) -> float:
 
 
 # --- PRO ---------------------------------------------------------------------------------------------------------
-FPR_LIMIT = 0.3
-"""The false-positive rate up to which the PRO curve is integrated. [MVTec AD]"""
 _EIGHT_CONNECTED = np.ones((3, 3), dtype=bool)
 
 

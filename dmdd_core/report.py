@@ -12,10 +12,11 @@ import torch
 
 from .config import DMDDConfig
 from .data import DataSource, as_source
+from .fit import fit
 from .infer import Evaluation, evaluate
 from .model import build_teacher
 from .plots import anomaly_examples, loss_curves, save_figure
-from .train import atomic_write_text, train
+from .train import atomic_write_text
 
 
 def markdown_table(evaluations: list[Evaluation], validation: list[dict[str, float]] | None = None) -> str:
@@ -83,7 +84,7 @@ def quickstart(
     source = as_source(root)
     for category in categories:
         started = time.perf_counter()
-        result = train(cfg, source, category, out / category, teacher=teacher, skip_bad=skip_bad, resume=resume)
+        result = fit(cfg, source, category, out / category, teacher=teacher, skip_bad=skip_bad, resume=resume)
         ev = evaluate(result.model, source, category, skip_bad=skip_bad)
         history = result.validation.get("history", [])
         validation.append(history[-1] if history else {})

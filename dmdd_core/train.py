@@ -1,14 +1,18 @@
-"""Two-stage training with atomic, resumable checkpoints. [DeSTSeg schedule, METHOD.md section 6]
+"""Two-stage training: the steps, the run state and the loop. [DeSTSeg schedule, METHOD.md section 6]
 
-Stage 1 (steps 1..stage1_steps): the student (encoder, decoder, decouple heads) learns by distillation,
-L = L_NGM + lambda * L_AIM; the segmentation network is untouched.
-Stage 2 (the remaining steps): the student is frozen in eval mode; the segmentation network learns the synthetic
-masks with focal + L1 loss.
+Read in this order:
 
-The batch of step s is a pure function of (seed, s), made on the training device (see ``SyntheticPairs``), and
-the checkpoint holds the model, both optimisers, the gradient scaler, the random state and the log, so a run
-interrupted at any checkpoint and resumed ends with exactly the weights of an uninterrupted run. Checkpoint rule: the last step; no checkpoint is ever
-chosen on test data. [ours]
+- :func:`train_step`: one optimisation step. Stage 1 (steps 1..stage1_steps): the student (encoder, decoder,
+  decouple heads) learns by distillation, L = L_NGM + lambda * L_AIM (:func:`distillation_step`); the
+  segmentation network is untouched. Stage 2 (the remaining steps): the student is frozen in eval mode; the
+  segmentation network learns the synthetic masks with focal + L1 loss (:func:`segmentation_step`).
+- :class:`RunState`: model, optimisers, gradient scaler, step and log; it saves itself as one checkpoint with
+  the random state, and restores itself from one.
+- :func:`train_loop`: the loop over the batches, with validation and checkpointing as callbacks.
+
+The batch of step s is a pure function of (seed, s) (``SyntheticPairs``), so a run interrupted at any checkpoint
+and resumed ends with exactly the weights of an uninterrupted run. :func:`dmdd_core.fit.fit` puts the pieces
+together: data, validation, progress, interruption. [ours]
 """
 
 from __future__ import annotations
@@ -16,11 +20,11 @@ from __future__ import annotations
 import json
 import os
 import random
-import sys
 import tempfile
 import time
 import warnings
-from dataclasses import dataclass
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -28,17 +32,8 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from .config import DMDDConfig, Precision, normalise_saved, progress_disabled, resolve_precision
-from .data import (
-    CategoryData,
-    DataSource,
-    InputReport,
-    SyntheticPairs,
-    TrainPair,
-    ValidationDataset,
-    as_source,
-    default_textures,
-)
+from .config import DMDDConfig, Precision, normalise_saved, resolve_precision
+from .data import TrainPair
 from .losses import aim_loss, focal_loss, l1_loss, ngm_loss, segmentation_target
 from .model import DMDD, Teacher, build_teacher
 
@@ -184,22 +179,6 @@ def train_step(
     return losses
 
 
-@dataclass
-class TrainResult:
-    model: DMDD
-    log: list[dict[str, Any]]
-    checkpoint: Path
-    resumed_from: int
-    """The step training started from (0 for a fresh run)."""
-    validation: dict[str, Any]
-    """Validation-split metrics during training and the thresholds chosen on it (empty without a val split)."""
-    input_report: InputReport
-    """Training and validation files skipped with ``skip_bad``."""
-    precision: str = "unrecorded"
-    """The precision it trained in (:func:`precision_summary`), e.g. "bf16", or "fp32 then bf16" for a run resumed
-    on another device."""
-
-
 def precision_summary(sessions: list[dict[str, Any]], default: str = "unrecorded") -> str:
     """The precisions of a run's sessions in order, repeats merged: "bf16", "fp32 then bf16"."""
     names: list[str] = []
@@ -215,18 +194,21 @@ def saved_config(saved: dict[str, Any]) -> dict[str, Any]:
     return {**DMDDConfig().to_dict(), **normalise_saved(saved)}
 
 
-def _check_resumable(saved: dict[str, Any], cfg: DMDDConfig, path: Path) -> None:
-    current = cfg.to_dict()
-    saved = saved_config(saved)
-    diffs = {
-        k: (saved.get(k), current[k])
-        for k in current
-        if k not in RESUMABLE_DIFFERENCES and saved.get(k) != current[k]
-    }
-    if diffs:
-        shown = ", ".join(f"{k}: saved {a!r} vs now {b!r}" for k, a, b in ((k, *v) for k, v in diffs.items()))
+def config_differences(saved: dict[str, Any], cfg: DMDDConfig, ignored: Iterable[str] = RESUMABLE_DIFFERENCES) -> list[str]:
+    """The fields (other than ``ignored``) in which a saved config differs from ``cfg``, as readable lines. A
+    field that no longer exists changes nothing now and is not listed."""
+    current, saved = cfg.to_dict(), saved_config(saved)
+    skip = set(ignored)
+    return sorted(f"{k}: saved {saved.get(k)!r}, now {current[k]!r}" for k in current
+                  if k not in skip and saved.get(k) != current[k])
+
+
+def check_resumable(saved: dict[str, Any], cfg: DMDDConfig, path: Path) -> None:
+    """A clear error when the run saved at ``path`` was made with another configuration than ``cfg``."""
+    differences = config_differences(saved, cfg)
+    if differences:
         raise ValueError(
-            f"{path} was written with another configuration ({shown}). "
+            f"{path} was written with another configuration ({'; '.join(differences)}). "
             "Use another --out folder, or pass resume=False (--no-resume) to start over."
         )
 
@@ -242,11 +224,11 @@ def load_checkpoint(path: str | Path, device: str | torch.device = "cpu") -> tup
         path = path / CHECKPOINT_NAME
     if not path.is_file():
         raise FileNotFoundError(f"no checkpoint at {path}; train first (dmdd train --out {path.parent})")
-    state = _read_checkpoint(path)
+    state = read_checkpoint(path)
     return model_from_state(state).to(select_device(str(device))).eval(), state
 
 
-def _read_checkpoint(path: Path) -> dict[str, Any]:
+def read_checkpoint(path: Path) -> dict[str, Any]:
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:  # noqa: BLE001 - any unreadable file gets the same advice
@@ -266,265 +248,168 @@ def model_from_state(state: dict[str, Any]) -> DMDD:
     return model
 
 
-def validate(model: DMDD, val: ValidationDataset, step: int) -> dict[str, float]:
-    """Image and pixel AUROC on the validation split (its synthetic anomalies), and the F1-max thresholds."""
-    from .infer import predict_dataset
-    from .metrics import f1_max_threshold, image_auroc, pixel_auroc
+# --- the run state: everything a checkpoint holds ----------------------------------------------------------------
+@dataclass
+class RunState:
+    """What a run needs to go on from ``step``: the model, both optimisers, the gradient scaler, the log and the
+    sessions (device and precision of each start). :meth:`save` writes it with the random state as one
+    checkpoint; :meth:`restore` reads it back, so a resumed run continues bit-exactly. ``meta`` (the data, the
+    split, the input report) and ``validation`` (the validation split's history and thresholds) are written as
+    they are."""
 
-    was_training = model.training
-    preds = predict_dataset(model, val, progress=False)
-    model.train(was_training)
-    image_f1, image_threshold = f1_max_threshold(preds.labels, preds.scores)
-    pixel_f1, pixel_threshold = f1_max_threshold(preds.masks.ravel(), preds.maps.ravel())
-    return {
-        "step": step,
-        "image_auroc": image_auroc(preds.labels, preds.scores),
-        "pixel_auroc": pixel_auroc(preds.masks, preds.maps),
-        "image_f1_max": image_f1,
-        "image_threshold": image_threshold,
-        "pixel_f1_max": pixel_f1,
-        "pixel_threshold": pixel_threshold,
-    }
+    cfg: DMDDConfig
+    model: DMDD
+    opt_student: torch.optim.Optimizer
+    opt_seg: torch.optim.Optimizer
+    device: torch.device
+    precision: Precision = "fp32"
+    scaler: torch.amp.GradScaler | None = None
+    step: int = 0
+    log: list[dict[str, Any]] = field(default_factory=list)
+    sessions: list[dict[str, Any]] = field(default_factory=list)
+    validation: dict[str, Any] = field(default_factory=dict)
+    meta: dict[str, Any] = field(default_factory=dict)
+    saved_scaler: dict[str, Any] = field(default_factory=dict)
+    """The scaler state of an earlier fp16 session, kept while a bf16 or fp32 session runs."""
 
-
-def train(
-    cfg: DMDDConfig,
-    data: str | Path | DataSource | CategoryData,
-    category: str,
-    out_dir: str | Path,
-    *,
-    teacher: Teacher | None = None,
-    resume: bool = True,
-    progress: bool | None = None,
-    stop_at_step: int | None = None,
-    skip_bad: bool = False,
-) -> TrainResult:
-    """Train DMDD on one category of ``data`` (a dataset root of any layout, a :class:`DataSource`, or a
-    :class:`CategoryData` already loaded), writing ``checkpoint.pt`` and ``log.json`` to ``out_dir``.
-
-    The validation share of the training images (``cfg.val_fraction``) is held out; in stage 2 the model is
-    checked on it at every checkpoint, and the last step's F1-max thresholds are saved for ``predict``. No
-    checkpoint is chosen by it: the rule is the last step.
-    A finished checkpoint in ``out_dir`` is loaded instead of training again; an unfinished one is resumed.
-    ``stop_at_step`` ends the run early after that global step (with a checkpoint), as an interruption would.
-    The first Ctrl-C (or SIGTERM) finishes the running step, writes a checkpoint and stops; a second one stops
-    at once, keeping the last checkpoint (:class:`StopRequest`). ``skip_bad`` leaves unreadable
-    images out (logged, and counted in ``log.json``) instead of stopping.
-    """
-    from tqdm.auto import tqdm
-
-    out = Path(out_dir)
-    ckpt_path = out / CHECKPOINT_NAME
-    device = select_device(cfg.device)
-    if isinstance(data, CategoryData):
-        category_data = data
-    else:
-        category_data = CategoryData.from_config(as_source(data), category, cfg, skip_bad=skip_bad, progress=progress)
-    textures = default_textures(category, cfg)
-    pairs = SyntheticPairs.from_config(category_data, category, cfg, textures, device=device)
-    val = ValidationDataset.from_config(category_data, cfg, textures) if category_data.val_paths else None
-    validation: dict[str, Any] = {"history": [], "num_images": len(category_data.val_paths)}
-
-    seed_everything(cfg.seed)
-    start_step, log = 0, []
-    sessions: list[dict[str, Any]] = []
-    state: dict[str, Any] | None = None
-    if resume and ckpt_path.is_file():
-        state = _read_checkpoint(ckpt_path)
-        _check_resumable(state["config"], cfg, ckpt_path)
-        model = model_from_state(state)
-        model.cfg = cfg
-        opt_student, opt_seg = build_optimizers(model, cfg)
-        opt_student.load_state_dict(state["opt_student"])
-        opt_seg.load_state_dict(state["opt_seg"])
-        torch.set_rng_state(state["rng_cpu"])
-        start_step, log = int(state["step"]), list(state["log"])
-        validation = dict(state.get("validation") or validation)
-        sessions = list(state.get("sessions") or [])
-        if not sessions and start_step > 0:  # written before sessions were recorded
-            sessions.append({"start_step": 0, "device": "unrecorded", "precision": legacy_precision(state["config"])})
-        if state.get("synthesis_version", 1) != SYNTHESIS_VERSION:
-            warnings.warn(
-                f"{ckpt_path} was written with synthesis version {state.get('synthesis_version', 1)}, this package "
-                f"makes version {SYNTHESIS_VERSION}: the batches after step {start_step} differ from those an "
-                "uninterrupted run of either version would see. Pass resume=False (--no-resume) to start over.",
-                stacklevel=2,
-            )
-    else:
+    @classmethod
+    def fresh(cls, cfg: DMDDConfig, teacher: Teacher | None, device: torch.device, **fields: Any) -> RunState:
+        """Step 0: a new model seeded with ``cfg.seed`` and its optimisers, on ``device``."""
+        seed_everything(cfg.seed)
         if teacher is None:
             teacher = build_teacher(cfg)
         # Building a teacher draws random numbers (timm initialises it before loading weights): seed again, so
         # the student starts the same whether the teacher was passed in or built here.
         seed_everything(cfg.seed)
         model = DMDD(cfg, teacher=teacher)
+        return cls(cfg, model, *build_optimizers(model, cfg), device, **fields).start_session()
+
+    @classmethod
+    def restore(cls, path: Path, cfg: DMDDConfig, device: torch.device, **fields: Any) -> RunState:
+        """The state saved at ``path``, checked to have ``cfg``'s configuration, with its random state set."""
+        seed_everything(cfg.seed)
+        saved = read_checkpoint(path)
+        check_resumable(saved["config"], cfg, path)
+        if saved.get("synthesis_version", 1) != SYNTHESIS_VERSION:
+            warnings.warn(
+                f"{path} was written with synthesis version {saved.get('synthesis_version', 1)}, this package "
+                f"makes version {SYNTHESIS_VERSION}: the batches after step {saved['step']} differ from those an "
+                "uninterrupted run of either version would see. Pass resume=False (--no-resume) to start over.",
+                stacklevel=3,
+            )
+        model = model_from_state(saved)
+        model.cfg = cfg
         opt_student, opt_seg = build_optimizers(model, cfg)
+        opt_student.load_state_dict(saved["opt_student"])
+        opt_seg.load_state_dict(saved["opt_seg"])
+        sessions = list(saved.get("sessions") or [])
+        if not sessions and saved["step"] > 0:  # written before sessions were recorded
+            sessions.append({"start_step": 0, "device": "unrecorded", "precision": legacy_precision(saved["config"])})
+        state = cls(cfg, model, opt_student, opt_seg, device, step=int(saved["step"]), log=list(saved["log"]),
+                    sessions=sessions, saved_scaler=dict(saved.get("scaler") or {}), **fields)
+        state.validation = dict(saved.get("validation") or state.validation)
+        torch.set_rng_state(saved["rng_cpu"])
+        state.start_session()
+        if state.device.type == "cuda" and saved.get("rng_cuda"):
+            torch.cuda.set_rng_state_all(list(saved["rng_cuda"]))
+        return state
 
-    use_cuda = device.type == "cuda"
-    memory_format = torch.channels_last if (use_cuda and cfg.channels_last) else torch.contiguous_format
-    model.to(device)
-    model.to(memory_format=memory_format)
-    _move_optimizer(opt_student, device)
-    _move_optimizer(opt_seg, device)
-    if use_cuda and state is not None and state.get("rng_cuda"):
-        torch.cuda.set_rng_state_all(list(state["rng_cuda"]))
-    precision = precision_for(cfg, device)
-    scaler = grad_scaler_for(precision, device)
-    if state is not None and state.get("scaler") and scaler.is_enabled():
-        scaler.load_state_dict(state["scaler"])
-    sessions.append({"start_step": start_step, "device": str(device), "precision": precision,
-                     "synthesis_version": SYNTHESIS_VERSION})
-    if start_step < (cfg.total_steps if stop_at_step is None else min(cfg.total_steps, stop_at_step)):
-        pairs.load_textures(progress)  # decoded now, in threads, not in the first steps
-
-    def save(step: int) -> None:
-        atomic_save(
-            {
-                "format": CHECKPOINT_FORMAT,
-                "step": step,
-                "config": cfg.to_dict(),
-                "category": category,
-                "data_root": str(category_data.source.root),
-                "data": category_data.source.describe(),
-                "split": {
-                    "val_fraction": cfg.val_fraction,
-                    "val_seed": cfg.val_seed,
-                    "train": [p.name for p in category_data.train_paths],
-                    "val": [p.name for p in category_data.val_paths],
-                },
-                "input_report": category_data.report.to_dict(),
-                "validation": validation,
-                "teacher": {"name": model.teacher.name, "source": model.teacher.source},
-                "model": model.state_dict(),
-                "opt_student": opt_student.state_dict(),
-                "opt_seg": opt_seg.state_dict(),
-                # A disabled scaler (bf16, fp32) keeps the state of an earlier fp16 session.
-                "scaler": scaler.state_dict() if scaler.is_enabled() else (state or {}).get("scaler", {}),
-                "synthesis_version": SYNTHESIS_VERSION,
-                "precision": precision_summary(sessions),
-                "sessions": sessions,
-                "rng_cpu": torch.get_rng_state(),
-                "rng_cuda": torch.cuda.get_rng_state_all() if use_cuda else [],
-                "log": log,
-            },
-            ckpt_path,
-        )
-        summary = {
-            "config": cfg.to_dict(),
-            "category": category,
-            "data": category_data.source.describe(),
-            "num_train_images": len(category_data.train_paths),
-            "input_report": category_data.report.to_dict(),
-            "precision": precision_summary(sessions),
-            "sessions": sessions,
-            "validation": validation,
-            "log": log,
-        }
-        atomic_write_text(json.dumps(summary, indent=1), out / LOG_NAME)
-
-    total = cfg.total_steps
-    stop = total if stop_at_step is None else min(total, stop_at_step)
-    def result() -> TrainResult:
-        model.training_precision = precision_summary(sessions)
-        return TrainResult(model.eval(), log, ckpt_path, start_step, validation, category_data.report,
-                           precision_summary(sessions))
-
-    if start_step >= stop:
-        sessions.pop()  # nothing trained in this session
-        return result()
-
-    bar = tqdm(total=total, initial=start_step, desc=f"DMDD {category} {precision}", disable=progress_disabled(progress), file=sys.stderr)
-    autocast = autocast_for(precision, device)
-    step = start_step
-    started = step_started = time.perf_counter()
-    stopped_cleanly = False
-    with StopRequest() as stop_request:
-        try:
-            for batch in pairs.batches(start_step, stop):
-                data_seconds = time.perf_counter() - step_started
-                if memory_format is torch.channels_last:
-                    batch = TrainPair(*(t.contiguous(memory_format=memory_format) for t in batch))
-                stage = 1 if step < cfg.stage1_steps else 2
-                losses = train_step(model, batch, cfg, stage, opt_student if stage == 1 else opt_seg, autocast, scaler)
-                step += 1
-                entry = {"step": step, "stage": stage, **{k: float(v.detach()) for k, v in losses.items()}}
-                entry["seconds"] = round(time.perf_counter() - started, 3)
-                entry["data_seconds"] = round(data_seconds, 4)
-                log.append(entry)
-                bar.set_postfix({k: f"{v:.4f}" for k, v in entry.items() if k not in TIMING_KEYS}, refresh=False)
-                bar.set_description(f"DMDD {category} {precision} stage {stage}")
-                bar.update(1)
-                due = step % cfg.checkpoint_every == 0 or step == stop or step == cfg.stage1_steps
-                if due:
-                    if val is not None and step > cfg.stage1_steps:
-                        checked = validate(model, val, step)
-                        validation["history"].append(checked)
-                        if step == total:
-                            validation["thresholds"] = {
-                                "image": checked["image_threshold"],
-                                "pixel": checked["pixel_threshold"],
-                                "rule": "F1-max on the validation split at the last step",
-                            }
-                    save(step)
-                if stop_request.requested and step < stop:
-                    if not due:
-                        save(step)
-                    stopped_cleanly = True
-                    bar.close()
-                    print(f"\nstopped after step {step}; checkpoint saved to {ckpt_path}; run again to resume", file=sys.stderr)
-                    raise KeyboardInterrupt
-                step_started = time.perf_counter()  # the next batch's synthesis starts now
-        except KeyboardInterrupt:
-            if stop_request.requested and not stopped_cleanly:
-                # The second signal: the running step may be half done, so the last checkpoint stays as it is.
-                print(f"\nstopped during step {step + 1}; the last checkpoint is kept; run again to resume", file=sys.stderr)
-            elif not stop_request.requested and step > start_step:
-                # Raised by code between steps (or where signals cannot be caught): save what is done.
-                save(step)
-                print(f"\ninterrupted at step {step}; checkpoint saved to {ckpt_path}; run again to resume", file=sys.stderr)
-            raise
-        finally:
-            bar.close()
-    return result()
-
-
-class StopRequest:
-    """While training, the first Ctrl-C (SIGINT) or SIGTERM asks for a stop after the running step, so the
-    checkpoint written then is whole: weights, optimizer and random state of one and the same step, and the
-    resumed run equals an uninterrupted one. A second signal stops at once, keeping the last checkpoint.
-    Outside the main thread signals cannot be caught, and this does nothing."""
-
-    SIGNALS = ("SIGINT", "SIGTERM")
-
-    def __init__(self) -> None:
-        self.requested = False
-        self._previous: dict[int, Any] = {}
-
-    def _handle(self, signum: int, frame: Any) -> None:
-        if self.requested:
-            raise KeyboardInterrupt
-        self.requested = True
-        print("\nstopping after this step (a checkpoint is saved); press Ctrl-C again to stop at once", file=sys.stderr)
-
-    def __enter__(self) -> StopRequest:
-        import signal
-        import threading
-
-        if threading.current_thread() is threading.main_thread():
-            for name in self.SIGNALS:
-                number = getattr(signal, name)
-                self._previous[number] = signal.signal(number, self._handle)
+    def start_session(self) -> RunState:
+        """Move model and optimisers to the device, set the precision and its scaler, and record the session."""
+        self.model.to(self.device)
+        if self.device.type == "cuda" and self.cfg.channels_last:
+            self.model.to(memory_format=torch.channels_last)
+        for optimizer in (self.opt_student, self.opt_seg):
+            for values in optimizer.state.values():
+                for key, value in values.items():
+                    if isinstance(value, Tensor):
+                        values[key] = value.to(self.device)
+        self.precision = precision_for(self.cfg, self.device)
+        self.scaler = grad_scaler_for(self.precision, self.device)
+        if self.saved_scaler and self.scaler.is_enabled():
+            self.scaler.load_state_dict(self.saved_scaler)
+        self.sessions.append({"start_step": self.step, "device": str(self.device), "precision": self.precision,
+                              "synthesis_version": SYNTHESIS_VERSION})
         return self
 
-    def __exit__(self, *exc: object) -> None:
-        import signal
+    def stage(self) -> int:
+        """The stage of the next step: 1 (distillation) for steps 1..stage1_steps, then 2 (segmentation)."""
+        return 1 if self.step < self.cfg.stage1_steps else 2
 
-        for number, handler in self._previous.items():
-            signal.signal(number, handler)
-        self._previous.clear()
+    def optimizer(self, stage: int) -> torch.optim.Optimizer:
+        return self.opt_student if stage == 1 else self.opt_seg
+
+    @property
+    def precision_summary(self) -> str:
+        return precision_summary(self.sessions)
+
+    def checkpoint(self) -> dict[str, Any]:
+        """The checkpoint dict: plain data and tensors only (it loads with ``weights_only=True``)."""
+        scaler = self.scaler.state_dict() if self.scaler is not None and self.scaler.is_enabled() else self.saved_scaler
+        return {
+            "format": CHECKPOINT_FORMAT,
+            "step": self.step,
+            "config": self.cfg.to_dict(),
+            **self.meta,
+            "validation": self.validation,
+            "teacher": {"name": self.model.teacher.name, "source": self.model.teacher.source},
+            "model": self.model.state_dict(),
+            "opt_student": self.opt_student.state_dict(),
+            "opt_seg": self.opt_seg.state_dict(),
+            "scaler": scaler,
+            "synthesis_version": SYNTHESIS_VERSION,
+            "precision": self.precision_summary,
+            "sessions": self.sessions,
+            "rng_cpu": torch.get_rng_state(),
+            "rng_cuda": torch.cuda.get_rng_state_all() if self.device.type == "cuda" else [],
+            "log": self.log,
+        }
+
+    def save(self, folder: Path) -> Path:
+        """Write ``checkpoint.pt`` and the readable ``log.json`` (no weights) to ``folder``, atomically."""
+        atomic_save(self.checkpoint(), folder / CHECKPOINT_NAME)
+        summary = {"config": self.cfg.to_dict(), **{k: v for k, v in self.meta.items() if k != "split"},
+                   "num_train_images": len(self.meta.get("split", {}).get("train", [])),
+                   "precision": self.precision_summary, "sessions": self.sessions,
+                   "validation": self.validation, "log": self.log}
+        atomic_write_text(json.dumps(summary, indent=1), folder / LOG_NAME)
+        return folder / CHECKPOINT_NAME
 
 
-def _move_optimizer(optimizer: torch.optim.Optimizer, device: torch.device) -> None:
-    for values in optimizer.state.values():
-        for key, value in values.items():
-            if isinstance(value, Tensor):
-                values[key] = value.to(device)
+# --- the loop ------------------------------------------------------------------------------------------------------
+def train_loop(
+    state: RunState,
+    batches: Iterable[TrainPair],
+    stop: int,
+    *,
+    on_step: Callable[[dict[str, Any]], None] = lambda entry: None,
+    on_checkpoint: Callable[[RunState, bool], None] = lambda state, scheduled: None,
+    stop_requested: Callable[[], bool] = lambda: False,
+) -> bool:
+    """Train ``state`` on ``batches`` (those of steps ``state.step`` .. ``stop - 1``) and return True when it
+    reached ``stop``. ``on_step`` gets each log entry (a progress bar); ``on_checkpoint(state, scheduled)`` runs
+    every ``checkpoint_every`` steps, at the end of stage 1 and at ``stop`` (``scheduled`` True: validate, then
+    save), and when ``stop_requested()`` turns True (``scheduled`` False: save), after which the loop returns."""
+    cfg = state.cfg
+    autocast = autocast_for(state.precision, state.device)
+    channels_last = state.device.type == "cuda" and cfg.channels_last
+    started = step_started = time.perf_counter()
+    for batch in batches:
+        data_seconds = time.perf_counter() - step_started
+        if channels_last:
+            batch = TrainPair(*(t.contiguous(memory_format=torch.channels_last) for t in batch))
+        stage = state.stage()
+        losses = train_step(state.model, batch, cfg, stage, state.optimizer(stage), autocast, state.scaler)
+        state.step += 1
+        entry = {"step": state.step, "stage": stage, **{k: float(v.detach()) for k, v in losses.items()},
+                 "seconds": round(time.perf_counter() - started, 3), "data_seconds": round(data_seconds, 4)}
+        state.log.append(entry)
+        on_step(entry)
+        scheduled = state.step % cfg.checkpoint_every == 0 or state.step in (stop, cfg.stage1_steps)
+        stopping = stop_requested() and state.step < stop
+        if scheduled or stopping:
+            on_checkpoint(state, scheduled)
+        if stopping:
+            return False
+        step_started = time.perf_counter()  # the next batch's synthesis starts now
+    return state.step >= stop

@@ -133,7 +133,7 @@ def hub_offline() -> None:
 def smoke_run(builtin_root: Path, tmp_path_factory: pytest.TempPathFactory):
     """A ``smoke`` model trained once per session on the built-in ``brick`` category with the offline teacher."""
     from dmdd_core.config import DMDDConfig
-    from dmdd_core.train import train
+    from dmdd_core.fit import fit
 
     cfg = DMDDConfig.preset("smoke", teacher="tf_efficientnet_lite0")
-    return train(cfg, builtin_root, "brick", tmp_path_factory.mktemp("smoke_run"), progress=False)
+    return fit(cfg, builtin_root, "brick", tmp_path_factory.mktemp("smoke_run"), progress=False)

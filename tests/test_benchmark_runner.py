@@ -14,8 +14,8 @@ from typing import Any
 import numpy as np
 import pytest
 
+import dmdd_core.fit as fit_module
 import dmdd_core.report  # noqa: F401 - imported before any test patches train, so it keeps the real one
-import dmdd_core.train as train_module
 from dmdd_core.benchmark import (
     PUBLISHED,
     Rank,
@@ -136,7 +136,7 @@ def stopped_and_resumed(builtin_root: Path, tmp_path_factory: pytest.TempPathFac
     """Run a two-category benchmark whose second training is stopped at step 2 (as Ctrl-C would), then run it
     again, recording which categories the second run trained."""
     out = tmp_path_factory.mktemp("benchmark")
-    real_train = train_module.train
+    real_train = fit_module.fit
     monkeypatch = pytest.MonkeyPatch()
 
     def stopping_train(cfg, data, category, out_dir, **kwargs):
@@ -145,7 +145,7 @@ def stopped_and_resumed(builtin_root: Path, tmp_path_factory: pytest.TempPathFac
             raise KeyboardInterrupt
         return real_train(cfg, data, category, out_dir, **kwargs)
 
-    monkeypatch.setattr(train_module, "train", stopping_train)
+    monkeypatch.setattr(fit_module, "fit", stopping_train)
     with pytest.raises(KeyboardInterrupt):
         run_benchmark(smoke_config(), builtin_root, out, categories=CATEGORIES, rank=Rank(), progress=False)
     after_stop = {
@@ -160,7 +160,7 @@ def stopped_and_resumed(builtin_root: Path, tmp_path_factory: pytest.TempPathFac
         trained.append(category)
         return real_train(cfg, data, category, out_dir, **kwargs)
 
-    monkeypatch.setattr(train_module, "train", counting_train)
+    monkeypatch.setattr(fit_module, "fit", counting_train)
     table = run_benchmark(smoke_config(), builtin_root, out, categories=CATEGORIES, rank=Rank(), progress=False)
     monkeypatch.undo()
     return {"out": out, "after_stop": after_stop, "trained": trained, "table": table}

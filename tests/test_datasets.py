@@ -331,10 +331,10 @@ def test_training_never_downloads(tmp_path: Path, monkeypatch: pytest.MonkeyPatc
         raise AssertionError("training must not touch the network")
 
     monkeypatch.setattr(urllib.request, "urlopen", no_network)
-    from dmdd_core.train import train
+    from dmdd_core.fit import fit
 
     with pytest.raises(FileNotFoundError, match="dmdd download"):
-        train(DMDDConfig.preset("smoke"), tmp_path / "mvtec_anomaly_detection", "bottle", tmp_path / "run")
+        fit(DMDDConfig.preset("smoke"), tmp_path / "mvtec_anomaly_detection", "bottle", tmp_path / "run")
 
 
 @pytest.mark.parametrize("layout", ["visa", "folder"])

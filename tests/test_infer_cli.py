@@ -18,9 +18,10 @@ from PIL import Image
 from dmdd_core.cli import main
 from dmdd_core.config import DMDDConfig
 from dmdd_core.data import load_image
+from dmdd_core.fit import TrainResult, fit
 from dmdd_core.infer import METRIC_KEYS, evaluate, predict_folder
 from dmdd_core.metrics import image_auroc, pixel_auroc
-from dmdd_core.train import TrainResult, load_checkpoint, train
+from dmdd_core.train import load_checkpoint
 
 CATEGORY = "brick"
 
@@ -266,7 +267,7 @@ def test_fast_preset_detects_brick_defects(builtin_root: Path, tmp_path_factory:
     out = (Path(cache) if cache else tmp_path_factory.mktemp("cache")) / "fast_brick"
     cfg = DMDDConfig.preset("fast")
     assert cfg.teacher == "auto"
-    result = train(cfg, builtin_root, CATEGORY, out, progress=False)
+    result = fit(cfg, builtin_root, CATEGORY, out, progress=False)
     assert result.resumed_from in (0, cfg.total_steps)
     assert result.model.teacher.name == "tf_efficientnet_lite0"
     evaluation = evaluate(result.model, builtin_root, CATEGORY, progress=False)

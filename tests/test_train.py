@@ -15,7 +15,8 @@ from torch import Tensor
 
 import dmdd_core.train as train_module
 from dmdd_core.config import DMDDConfig, resolve_precision
-from dmdd_core.train import CHECKPOINT_NAME, LOG_NAME, TrainResult, load_checkpoint, train
+from dmdd_core.fit import TrainResult, fit
+from dmdd_core.train import CHECKPOINT_NAME, LOG_NAME, load_checkpoint
 
 CATEGORY = "brick"
 BN_BUFFERS = ("running_mean", "running_var", "num_batches_tracked")
@@ -45,9 +46,9 @@ def stage_snapshots(builtin_root: Path, tmp_path_factory: pytest.TempPathFactory
     """Weights before training, after stage 1 and after stage 2 of one smoke run (2 + 2 steps)."""
     cfg = random_teacher_smoke()
     out = tmp_path_factory.mktemp("stages")
-    initial = train(cfg, builtin_root, CATEGORY, tmp_path_factory.mktemp("initial"), stop_at_step=0)
-    after_stage1 = train(cfg, builtin_root, CATEGORY, out, stop_at_step=cfg.stage1_steps)
-    after_stage2 = train(cfg, builtin_root, CATEGORY, out)
+    initial = fit(cfg, builtin_root, CATEGORY, tmp_path_factory.mktemp("initial"), stop_at_step=0)
+    after_stage1 = fit(cfg, builtin_root, CATEGORY, out, stop_at_step=cfg.stage1_steps)
+    after_stage2 = fit(cfg, builtin_root, CATEGORY, out)
     model = after_stage2.model
     return {
         "initial": snapshot(initial),
@@ -67,8 +68,8 @@ def keys(snapshots: dict[str, Any], part: str, kind: str) -> list[str]:
 
 def test_model_construction_is_seeded(builtin_root: Path, tmp_path: Path) -> None:
     cfg = random_teacher_smoke()
-    a = train(cfg, builtin_root, CATEGORY, tmp_path / "a", stop_at_step=0)
-    b = train(cfg, builtin_root, CATEGORY, tmp_path / "b", stop_at_step=0)
+    a = fit(cfg, builtin_root, CATEGORY, tmp_path / "a", stop_at_step=0)
+    b = fit(cfg, builtin_root, CATEGORY, tmp_path / "b", stop_at_step=0)
     assert a.log == [] and not a.checkpoint.exists()
     assert_same_state(snapshot(a), snapshot(b))
 
@@ -152,7 +153,7 @@ def resume_config(**overrides: Any) -> DMDDConfig:
 
 @pytest.fixture(scope="module")
 def uninterrupted(builtin_root: Path, tmp_path_factory: pytest.TempPathFactory) -> TrainResult:
-    return train(resume_config(), builtin_root, CATEGORY, tmp_path_factory.mktemp("run_a"))
+    return fit(resume_config(), builtin_root, CATEGORY, tmp_path_factory.mktemp("run_a"))
 
 
 def optimizer_buffers(checkpoint: Path) -> list[Tensor]:
@@ -176,12 +177,12 @@ def resumed_runs(builtin_root: Path, tmp_path_factory: pytest.TempPathFactory) -
     runs = {}
     for stop in RESUME_STOPS:
         out = tmp_path_factory.mktemp(f"run_b_{stop}")
-        first = train(cfg, builtin_root, CATEGORY, out, stop_at_step=stop)
+        first = fit(cfg, builtin_root, CATEGORY, out, stop_at_step=stop)
         saved_step = torch.load(first.checkpoint, weights_only=True)["step"]
         runs[stop] = {
             "first_log": first.log,
             "saved_step": saved_step,
-            "resumed": train(cfg, builtin_root, CATEGORY, out),
+            "resumed": fit(cfg, builtin_root, CATEGORY, out),
         }
     return runs
 
@@ -229,12 +230,12 @@ def test_ctrl_c_saves_a_checkpoint_to_resume_from(
     monkeypatch.setattr(train_module, "segmentation_step", interrupted_on_second_call)
     cfg = resume_config(checkpoint_every=100)
     with pytest.raises(KeyboardInterrupt):
-        train(cfg, builtin_root, CATEGORY, tmp_path)
+        fit(cfg, builtin_root, CATEGORY, tmp_path)
     saved = torch.load(tmp_path / CHECKPOINT_NAME, weights_only=True)
     assert saved["step"] == 4
     assert losses_of(saved["log"]) == losses_of(uninterrupted.log)[:4]
     monkeypatch.setattr(train_module, "segmentation_step", real_step)
-    resumed = train(cfg, builtin_root, CATEGORY, tmp_path)
+    resumed = fit(cfg, builtin_root, CATEGORY, tmp_path)
     assert resumed.resumed_from == 4
     assert [e["step"] for e in resumed.log] == [1, 2, 3, 4, 5, 6]
 
@@ -263,12 +264,12 @@ def test_ctrl_c_mid_step_stops_after_it_and_resumes_exactly(
     cfg = resume_config(checkpoint_every=100)
     before = signal.getsignal(signal.SIGINT)  # Python's default, or SIG_IGN in a job started in the background
     with pytest.raises(KeyboardInterrupt):
-        train(cfg, builtin_root, CATEGORY, tmp_path)
+        fit(cfg, builtin_root, CATEGORY, tmp_path)
     saved = torch.load(tmp_path / CHECKPOINT_NAME, weights_only=True)
     assert saved["step"] == 4 and losses_of(saved["log"]) == losses_of(uninterrupted.log)[:4]
     assert signal.getsignal(signal.SIGINT) is before  # the handler is put back
     monkeypatch.undo()
-    resumed = train(cfg, builtin_root, CATEGORY, tmp_path)
+    resumed = fit(cfg, builtin_root, CATEGORY, tmp_path)
     assert resumed.resumed_from == 4
     assert losses_of(resumed.log) == losses_of(uninterrupted.log)
     assert_same_state(snapshot(resumed), snapshot(uninterrupted))
@@ -280,7 +281,7 @@ def test_a_second_ctrl_c_stops_at_once_and_keeps_the_last_whole_checkpoint(
     signal_after_optimizer_step(monkeypatch, at_call=5, signals=2)
     cfg = resume_config(checkpoint_every=100)  # checkpoints at step 3 (end of stage 1) and at the end only
     with pytest.raises(KeyboardInterrupt):
-        train(cfg, builtin_root, CATEGORY, tmp_path)
+        fit(cfg, builtin_root, CATEGORY, tmp_path)
     assert torch.load(tmp_path / CHECKPOINT_NAME, weights_only=True)["step"] == 3
 
 
@@ -288,14 +289,14 @@ def test_a_passed_teacher_and_a_built_one_give_the_same_run(builtin_root: Path, 
     from dmdd_core.model import build_teacher
 
     cfg = DMDDConfig.preset("smoke", teacher="tf_efficientnet_lite0")  # pretrained: the same weights both times
-    built_here = train(cfg, builtin_root, CATEGORY, tmp_path / "built")
-    passed_in = train(cfg, builtin_root, CATEGORY, tmp_path / "passed", teacher=build_teacher(cfg))
+    built_here = fit(cfg, builtin_root, CATEGORY, tmp_path / "built")
+    passed_in = fit(cfg, builtin_root, CATEGORY, tmp_path / "passed", teacher=build_teacher(cfg))
     assert losses_of(built_here.log) == losses_of(passed_in.log)
 
 
 def test_resuming_with_another_configuration_is_refused(builtin_root: Path, uninterrupted: TrainResult) -> None:
     with pytest.raises(ValueError, match="another --out") as info:
-        train(resume_config(lr_student=0.1), builtin_root, CATEGORY, uninterrupted.checkpoint.parent)
+        fit(resume_config(lr_student=0.1), builtin_root, CATEGORY, uninterrupted.checkpoint.parent)
     assert "lr_student" in str(info.value)
 
 
@@ -303,7 +304,7 @@ def test_finished_run_is_loaded_not_retrained(builtin_root: Path, uninterrupted:
     checkpoint = uninterrupted.checkpoint
     written = checkpoint.stat().st_mtime_ns
     started = time.perf_counter()
-    again = train(resume_config(), builtin_root, CATEGORY, checkpoint.parent)
+    again = fit(resume_config(), builtin_root, CATEGORY, checkpoint.parent)
     assert time.perf_counter() - started < 20
     assert again.resumed_from == resume_config().total_steps
     assert checkpoint.stat().st_mtime_ns == written
@@ -319,7 +320,7 @@ def test_paper_preset_runs_both_stages_on_cpu(builtin_root: Path, tmp_path: Path
         "paper", stage1_steps=2, stage2_steps=2, teacher_pretrained=False, teacher="resnet18", batch_size=4
     )
     assert cfg.image_size == 256 and cfg.decouple and cfg.aim and cfg.msn
-    result = train(cfg, builtin_root, CATEGORY, tmp_path, progress=False)
+    result = fit(cfg, builtin_root, CATEGORY, tmp_path, progress=False)
     assert [e["stage"] for e in result.log] == [1, 1, 2, 2]
     assert all(math.isfinite(e["loss"]) for e in result.log)
     assert torch.load(result.checkpoint, weights_only=True)["step"] == 4
@@ -390,17 +391,17 @@ def test_fp16_with_a_gradient_scaler_trains_and_resumes_exactly(builtin_root: Pa
     """Forced fp16 on the CPU (autocast and the scaler run there too): the scaler's state is checkpointed, so an
     interrupted fp16 run resumes to the same weights."""
     cfg = random_teacher_smoke(amp="fp16")
-    whole = train(cfg, builtin_root, CATEGORY, tmp_path / "whole", progress=False)
+    whole = fit(cfg, builtin_root, CATEGORY, tmp_path / "whole", progress=False)
     assert whole.precision == "fp16" and all(math.isfinite(e["loss"]) for e in whole.log)
     state = torch.load(whole.checkpoint, weights_only=True)
     assert state["precision"] == "fp16" and state["scaler"]["scale"] > 0
-    train(cfg, builtin_root, CATEGORY, tmp_path / "split", stop_at_step=1, progress=False)
-    resumed = train(cfg, builtin_root, CATEGORY, tmp_path / "split", progress=False)
+    fit(cfg, builtin_root, CATEGORY, tmp_path / "split", stop_at_step=1, progress=False)
+    resumed = fit(cfg, builtin_root, CATEGORY, tmp_path / "split", progress=False)
     assert resumed.resumed_from == 1
     assert_same_state(snapshot(resumed), snapshot(whole))
     assert losses_of(resumed.log) == losses_of(whole.log)
     assert whole.log[0]["loss"] != pytest.approx(
-        train(random_teacher_smoke(), builtin_root, CATEGORY, tmp_path / "fp32", progress=False).log[0]["loss"], abs=1e-7
+        fit(random_teacher_smoke(), builtin_root, CATEGORY, tmp_path / "fp32", progress=False).log[0]["loss"], abs=1e-7
     )
 
 
@@ -408,7 +409,7 @@ def test_a_checkpoint_from_before_precisions_and_batched_synthesis_resumes_with_
     builtin_root: Path, tmp_path: Path
 ) -> None:
     cfg = random_teacher_smoke()
-    train(cfg, builtin_root, CATEGORY, tmp_path, stop_at_step=1, progress=False)
+    fit(cfg, builtin_root, CATEGORY, tmp_path, stop_at_step=1, progress=False)
     path = tmp_path / CHECKPOINT_NAME
     state = torch.load(path, weights_only=True)
     for key in ("sessions", "precision", "synthesis_version", "scaler"):
@@ -417,7 +418,7 @@ def test_a_checkpoint_from_before_precisions_and_batched_synthesis_resumes_with_
     torch.save(state, path)
     assert load_checkpoint(path)[0].training_precision == "fp32"
     with pytest.warns(UserWarning, match="synthesis version 1"):
-        resumed = train(cfg, builtin_root, CATEGORY, tmp_path, progress=False)
+        resumed = fit(cfg, builtin_root, CATEGORY, tmp_path, progress=False)
     assert resumed.resumed_from == 1 and resumed.precision == "fp32"
     state = torch.load(path, weights_only=True)
     assert [s["start_step"] for s in state["sessions"]] == [0, 1] and state["synthesis_version"] == 2

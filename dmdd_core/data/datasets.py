@@ -63,9 +63,6 @@ class Sample(NamedTuple):
     category: str
 
 
-Sample.__test__ = False  # type: ignore[attr-defined]  # not a pytest test class (it is also TestSample)
-TestSample = Sample
-"""The name this type had first; the same class."""
 
 
 def _to_chw(image: np.ndarray) -> Tensor:

@@ -115,7 +115,7 @@ def _workers() -> int:
     return max(1, min(8, os.cpu_count() or 1))
 
 
-def _parallel(fn: Callable[[T], R], items: Sequence[T], desc: str, progress: bool | None) -> list[R]:
+def parallel_map(fn: Callable[[T], R], items: Sequence[T], desc: str, progress: bool | None) -> list[R]:
     """``[fn(x) for x in items]`` in a thread pool, in order, with a progress bar."""
     disable = progress_disabled(progress)
     with ThreadPoolExecutor(_workers()) as pool, tqdm(total=len(items), desc=desc, unit="img", disable=disable, file=sys.stderr) as bar:
@@ -138,7 +138,7 @@ def _decode_all(
 ) -> list[tuple[T, R]]:
     """Decode every item in a thread pool; the (item, result) pairs that worked, in order. Problems raise one
     :class:`BadInputError`, or with ``skip_bad`` are warned about and added to ``report``."""
-    results = _parallel(decode, list(items), desc, progress)
+    results = parallel_map(decode, list(items), desc, progress)
     problems = [r for r in results if isinstance(r, Problem)]
     if problems and not skip_bad:
         raise BadInputError(problems, what)
