@@ -39,6 +39,7 @@ import numpy as np
 import torch
 from PIL import Image
 
+from dmdd_core.catalog import DATASETS
 from dmdd_core.data import SyntheticPairs, load_images, open_source
 from dmdd_core.data.loading import _decode_image
 from dmdd_core.synthesis import TRAIN_STREAM, TextureSource, step_generator, synthesize_anomalies
@@ -125,11 +126,12 @@ def measure(paths: list[Path], category: str, args: argparse.Namespace) -> dict[
 
     device = torch.device(args.device)
     textures = TextureSource.builtin(exclude=(category,))
+    policy = DATASETS["builtin"].rotation_policy(category)
     steps = max(1, args.pairs // args.batch_size)
     cached = {
-        "pairs_cached_img_s": SyntheticPairs(images, category, textures, batch_size=args.batch_size, device=device),
-        "pairs_cached_unrotated_img_s": SyntheticPairs(images, category, textures, batch_size=args.batch_size,
-                                                       rotate=False, device=device),
+        "pairs_cached_img_s": SyntheticPairs(images, textures, batch_size=args.batch_size, rotation=policy,
+                                             device=device),
+        "pairs_cached_unrotated_img_s": SyntheticPairs(images, textures, batch_size=args.batch_size, device=device),
     }
     for pairs in cached.values():
         pairs.load_textures().batch(steps)  # warm-up
@@ -139,7 +141,7 @@ def measure(paths: list[Path], category: str, args: argparse.Namespace) -> dict[
         picks = torch.randint(len(paths), (args.batch_size,), generator=generator).tolist()
         decoded = np.stack([_decode_image(paths[i], size) for i in picks])
         normal = torch.from_numpy(decoded).permute(0, 3, 1, 2).to(device).float().div_(255.0)
-        synthesize_anomalies(normal, textures, generator, category=category)
+        synthesize_anomalies(normal, textures, generator, rotation=policy)
     _sync(device)
     results["pairs_decoding_each_img_s"] = rate(steps * args.batch_size, time.perf_counter() - started)
     for key, pairs in cached.items():

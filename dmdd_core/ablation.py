@@ -31,7 +31,6 @@ from __future__ import annotations
 
 import json
 import sys
-import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -39,27 +38,25 @@ from typing import Any, Literal
 
 import numpy as np
 
-from .benchmark import (
-    CHECKPOINT_RULE,
-    FIGURES_DIR,
-    RESULTS_DIR,
-    Task,
-    _is_done,
-    _mean_std,
-    load_result,
-    run_task,
-    versions,
-)
 from .config import DMDDConfig
 from .data import DataSource, as_source
-from .train import atomic_write_text
-
-ABLATION_METRICS: tuple[tuple[str, str], ...] = (
-    ("image_auroc", "image AUROC"),
-    ("pixel_auroc", "pixel AUROC"),
-    ("aupro", "AUPRO"),
-    ("pixel_ap", "pixel AP"),
+from .protocol import CHECKPOINT_RULE, HEADLINE_METRICS, label
+from .runner import (
+    FIGURES_DIR,
+    RESULTS_DIR,
+    RUNS_DIR,
+    Job,
+    Task,
+    load_result,
+    mean_std,
+    run_jobs,
+    stat_text,
+    versions,
+    write_text_files,
 )
+
+ABLATION_METRICS: tuple[str, ...] = (*HEADLINE_METRICS, "pixel_ap")
+"""The metrics of the ablation tables, in column order."""
 REFERENCE = "dmdd"
 """The variant our own choices are compared with: full DMDD, the base config unchanged."""
 BASELINE = "destseg"
@@ -140,7 +137,6 @@ def run_ablation(
 ) -> Path:
     """Train and evaluate every variant on every category with every seed; write the table (printed unless
     ``show`` is False); return its path."""
-    from .model import build_teacher
     from .train import select_device
 
     out = Path(out)
@@ -151,26 +147,10 @@ def run_ablation(
     cats = list(categories or source.categories())
     base = base.replace(device=str(select_device(base.device)))
     configs = {v.name: v.config(base) for v in chosen}  # raises on an impossible combination before any work
-    plan = [(seed, v, c) for seed in seeds for v in chosen for c in cats]
-    todo = []
-    for seed, v, c in plan:
-        path = out / v.name / RESULTS_DIR / f"{Task(c, seed).key}.json"
-        if not (resume and _is_done(load_result(path), configs[v.name], "input", False, path)):
-            todo.append((seed, v, c))
-    print(f"ablation: {len(chosen)} variants x {len(cats)} categories x {len(seeds)} seeds = {len(plan)} tasks, "
-          f"{len(plan) - len(todo)} done before", flush=True)
-    teacher = build_teacher(base) if todo else None
-    spent: list[float] = []
-    for i, (seed, v, c) in enumerate(todo, 1):
-        started = time.perf_counter()
-        record = run_task(Task(c, seed), configs[v.name], source, out / v.name, teacher=teacher, pro_variants=False,
-                          resume=resume, progress=progress)
-        spent.append(time.perf_counter() - started)
-        m = record["evaluation"]["dmdd"]
-        left = np.mean(spent) * (len(todo) - i) / 60
-        print(f"[{i}/{len(todo)}] seed {seed} {v.label} ({c}): image AUROC {100 * m['image_auroc']:.2f}, pixel AUROC "
-              f"{100 * m['pixel_auroc']:.2f}, AUPRO {100 * m['aupro']:.2f} ({spent[-1]:.0f} s; about {left:.0f} min "
-              "left)", flush=True)
+    jobs = [Job(Task(c, seed), configs[v.name].replace(seed=seed), out / v.name, f"seed {seed} {v.label} ({c})")
+            for seed in seeds for v in chosen for c in cats]
+    run_jobs(jobs, source, pro_variants=False, resume=resume, progress=progress,
+             what=f"{len(chosen)} variants x {len(cats)} categories x {len(seeds)} seeds")
     return write_ablation(out, chosen, cats, seeds, show=show)
 
 
@@ -188,7 +168,7 @@ def collect(out: str | Path, variants: Sequence[Variant], categories: Sequence[s
             if all(r is not None for r in records):
                 per_seed[seed] = {
                     key: float(np.mean([100 * r["evaluation"]["dmdd"][key] for r in records if r is not None]))
-                    for key, _ in ABLATION_METRICS
+                    for key in ABLATION_METRICS
                 }
         table[v.name] = per_seed
     return table
@@ -203,7 +183,7 @@ def paired_difference(values: Mapping[int, float], reference: Mapping[int, float
     diffs = np.array([values[s] - reference[s] for s in shared], dtype=np.float64)
     if len(diffs) == 0:
         return {"mean": None, "std": None, "p": None, "seeds": []}
-    mean, std = _mean_std(diffs.tolist())
+    mean, std = mean_std(diffs.tolist())
     p = None
     if len(diffs) > 1 and std > 0:
         p = float(stats.ttest_rel([values[s] for s in shared], [reference[s] for s in shared]).pvalue)
@@ -221,9 +201,9 @@ def ablation_rows(table: Mapping[str, Mapping[int, Mapping[str, float]]],
         per_seed = table.get(v.name, {})
         row: dict[str, Any] = {"name": v.name, "label": v.label, "group": v.group, "overrides": dict(v.overrides),
                                "note": v.note, "components": v.components, "seeds": sorted(per_seed)}
-        for key, _ in ABLATION_METRICS:
+        for key in ABLATION_METRICS:
             values = {s: m[key] for s, m in per_seed.items()}
-            row[key] = {"mean": _mean_std(list(values.values())) if values else None,
+            row[key] = {"mean": mean_std(list(values.values())) if values else None,
                         "per_seed": values,
                         "vs_dmdd": paired_difference(values, {s: m[key] for s, m in reference.items()})
                         if v.name != REFERENCE else None,
@@ -241,12 +221,6 @@ def reading(diff: Mapping[str, Any] | None, alpha: float = 0.05) -> str:
     if p is None or p >= alpha:
         return "within seed noise"
     return "higher" if diff["mean"] > 0 else "lower"
-
-
-def _cell(stat: tuple[float, float] | None, n: int) -> str:
-    if stat is None:
-        return "–"
-    return f"{stat[0]:.2f} ± {stat[1]:.2f}" if n > 1 else f"{stat[0]:.2f}"
 
 
 def _readings(row: Mapping[str, Any], against: str) -> str:
@@ -269,7 +243,7 @@ def ablation_markdown(rows: Sequence[Mapping[str, Any]], meta: Mapping[str, Any]
             lines.append(f"- {key}: {value}")
     lines.append("")
     tick = {True: "✓", False: ""}
-    heads = [label for _, label in ABLATION_METRICS]
+    heads = [label(k) for k in ABLATION_METRICS]
     lines += ["## In the paper's form (percent, mean ± std over seeds; Δ: against the DeSTSeg baseline)", "",
               "| variant | decoupling | AIM | MSN | " + " | ".join(heads)
               + " | Δ pixel AUROC vs DeSTSeg | Δ AUPRO vs DeSTSeg | reading |",
@@ -279,7 +253,7 @@ def ablation_markdown(rows: Sequence[Mapping[str, Any]], meta: Mapping[str, Any]
             continue
         n = len(r["seeds"])
         d, a, m = r["components"]
-        cells = [_cell(r[k]["mean"], n) for k, _ in ABLATION_METRICS]
+        cells = [stat_text(r[k]["mean"], n) for k in ABLATION_METRICS]
         lines.append(f"| {r['label']} | {tick[d]} | {tick[a]} | {tick[m]} | " + " | ".join(cells)
                      + f" | {_delta(r['pixel_auroc']['vs_destseg'])} | {_delta(r['aupro']['vs_destseg'])} | "
                      + _readings(r, "vs_destseg") + " |")
@@ -290,7 +264,7 @@ def ablation_markdown(rows: Sequence[Mapping[str, Any]], meta: Mapping[str, Any]
                   "|---|---|" + "---|" * (len(heads) + 3)]
         for r in ours:
             n = len(r["seeds"])
-            cells = [_cell(r[k]["mean"], n) for k, _ in ABLATION_METRICS]
+            cells = [stat_text(r[k]["mean"], n) for k in ABLATION_METRICS]
             lines.append(f"| {r['label']} | {r['note'].removeprefix('ours: ')} | " + " | ".join(cells)
                          + f" | {_delta(r['pixel_auroc']['vs_dmdd'])} | {_delta(r['aupro']['vs_dmdd'])} | "
                          + _readings(r, "vs_dmdd") + " |")
@@ -304,7 +278,6 @@ def ablation_figure(rows: Sequence[Mapping[str, Any]], metrics: Sequence[str] = 
     """One panel per metric: each variant's seeds as dots, the mean ± std as a bar, full DMDD's mean as a line."""
     from .plots import figure
 
-    labels = dict(ABLATION_METRICS)
     fig, axes = figure(1, len(metrics), size=(4.2 * len(metrics), 0.45 * len(rows) + 1.4), sharey=True)
     axes = axes[0]
     ys = np.arange(len(rows))[::-1]
@@ -319,7 +292,7 @@ def ablation_figure(rows: Sequence[Mapping[str, Any]], metrics: Sequence[str] = 
             ax.errorbar(stat[0], y, xerr=stat[1], fmt="D", color=colours[r["group"]], ms=6, capsize=3, zorder=3)
             if r["name"] == REFERENCE:
                 ax.axvline(stat[0], color="grey", lw=1, ls="--", zorder=1)
-        ax.set_title(labels[key])
+        ax.set_title(label(key))
         ax.set_xlabel("percent")
         ax.grid(axis="x", alpha=0.3)
     axes[0].set_yticks(ys, [r["label"] for r in rows])
@@ -355,15 +328,14 @@ def write_ablation(out: str | Path, variants: Sequence[Variant], categories: Seq
                     f"input {cfg.get('image_size')}x{cfg.get('image_size')}, teacher {record['teacher']['name'] if record else '?'}",
         "metrics computed at": record["evaluation"].get("metric_resolution", "?") if record else "?",
         "checkpoint rule": CHECKPOINT_RULE,
-        "AUPRO": "reference definition (METHOD.md section 8)",
+        "AUPRO": "the reference definition (METHOD.md section 8)",
         "device": record.get("device", "?") if record else "?",
         "precision": record.get("precision", "unrecorded") if record else "?",
         "versions": ", ".join(f"{k} {v}" for k, v in versions().items()),
     }
     text = ablation_markdown(rows, meta)
-    atomic_write_text(text + "\n", out / "ablation.md")
-    atomic_write_text(_csv(rows), out / "ablation.csv")
-    atomic_write_text(json.dumps({"meta": meta, "rows": rows}, indent=1, default=_jsonable), out / "ablation.json")
+    write_text_files(out, {"ablation.md": text, "ablation.csv": _csv(rows),
+                           "ablation.json": json.dumps({"meta": meta, "rows": rows}, indent=1, default=_jsonable)})
     fig = ablation_figure(rows)
     save_figure(fig, "ablation", out / FIGURES_DIR)
     plt.close(fig)
@@ -398,10 +370,10 @@ def _csv(rows: Sequence[Mapping[str, Any]]) -> str:
 
     buffer = io.StringIO()
     writer = csv.writer(buffer, lineterminator="\n")
-    writer.writerow(["variant", "group", "seed"] + [key for key, _ in ABLATION_METRICS])
+    writer.writerow(["variant", "group", "seed"] + [key for key in ABLATION_METRICS])
     for r in rows:
         for seed in r["seeds"]:
-            writer.writerow([r["name"], r["group"], seed] + [f"{r[k]['per_seed'][seed]:.4f}" for k, _ in ABLATION_METRICS])
+            writer.writerow([r["name"], r["group"], seed] + [f"{r[k]['per_seed'][seed]:.4f}" for k in ABLATION_METRICS])
     return buffer.getvalue()
 
 
@@ -426,7 +398,6 @@ class VariantMaps:
 
     def model(self, name: str, seed: int) -> Any:
         """The trained model of variant ``name`` and ``seed`` (FileNotFoundError naming what to run if absent)."""
-        from .benchmark import RUNS_DIR
         from .train import load_checkpoint
 
         key = (name, seed)

@@ -1,9 +1,11 @@
-"""The datasets the package knows: their categories, layouts and per-category rotation policy, in one place.
+"""The datasets the package knows, in one place: their categories, layouts, rotation policies and downloads.
 
 Rotation policy (METHOD.md section 1): before synthesis, a normal training image is rotated by its category's
 policy, "none", "small" (+-5 deg) or "right_angle_small" (a random multiple of 90 deg, then +-5 deg).
-MVTec AD's policies are DeSTSeg's [DeSTSeg]; MPDD, VisA, the built-in textures and unknown categories are
-choices of ours [ours]. Validation and test images are never rotated.
+MVTec AD's policies are DeSTSeg's [DeSTSeg]; MPDD, VisA, the built-in textures and data of one's own are
+choices of ours [ours]. A policy belongs to a dataset, not to a category name: the data source knows which dataset
+it holds (:meth:`dmdd_core.data.DataSource.rotation_policy`), so a folder of one's own named ``grid`` is not
+rotated like MVTec AD's grid. Validation and test images are never rotated.
 """
 
 from __future__ import annotations
@@ -41,6 +43,15 @@ class DatasetInfo:
     rotation: dict[str, Policy] = field(default_factory=dict)
     """Category -> rotation policy; categories not listed get "none"."""
     reference: str = ""
+
+    @property
+    def download(self) -> DownloadSource | None:
+        """Where ``dmdd download`` gets it (None for the built-in dataset)."""
+        return DOWNLOADS.get(self.name)
+
+    def rotation_policy(self, category: str) -> Policy:
+        """The rotation policy of this dataset's ``category``; "none" for a category it does not list."""
+        return self.rotation.get(category, "none")
 
 
 DATASETS: dict[str, DatasetInfo] = {
@@ -89,11 +100,143 @@ DATASET_KINDS: tuple[str, ...] = ("auto", "mvtec", "mpdd", "visa", "builtin", "f
 """Values of ``--dataset``: a known dataset (or an alias), ``folder`` for one category of your own, or ``auto``
 (detect)."""
 
-ROTATION_POLICY: dict[str, Policy] = {k: v for info in DATASETS.values() for k, v in info.rotation.items()}
-"""Category -> policy over every known dataset (category names do not collide across them)."""
+
+# --- downloads -------------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class DownloadSource:
+    """Where one dataset comes from and what it looks like once extracted."""
+
+    name: str
+    """The name given to :func:`download_dataset` and ``dmdd download``."""
+    title: str
+    url: str | None
+    """Direct address of the archive; None when there is no stable one (see :attr:`manual`)."""
+    sha256: str | None
+    """SHA-256 of the archive (64 lower-case hex digits); None when no published or verified one is known."""
+    archive: str
+    """File name of the archive ("" when unknown)."""
+    size: int | None
+    """Size of the archive in bytes, if known."""
+    licence: str
+    """Licence and what to cite."""
+    folder: str
+    """Name of the dataset folder under the download root after extraction."""
+    layout: str
+    """Expected layout after extraction, one pattern a line, relative to the dataset folder."""
+    manual: str
+    """How to get the archive by hand (no stable address, offline machine, a link that moved)."""
+    usage: str = "Pass --data {path} to dmdd."
+    """What to do with the extracted folder; ``{path}`` is replaced by it."""
+    archive_has_folder: bool = False
+    """True when the archive's entries sit inside one folder named :attr:`folder` (DTD's ``dtd/``); False when
+    they sit at its top level (MVTec AD, VisA), so it is extracted *into* the folder."""
+    alternative_urls: tuple[str, ...] = ()
+    """Older or other addresses of the same archive, tried in turn when the server answers with an HTTP error."""
 
 
-def rotation_policy(category: str) -> Policy:
-    """The rotation policy of ``category``; "none" for categories not in :data:`ROTATION_POLICY`. [ours]"""
-    return ROTATION_POLICY.get(category, "none")
-
+DOWNLOADS: dict[str, DownloadSource] = {
+    "mvtec": DownloadSource(
+        name="mvtec",
+        title="MVTec AD",
+        # MVTec moves its mydrive.ch share links from time to time. The 150996/... link is the one in use in 2026
+        # (several projects pinning the same SHA-256 use it); the 38536/...f283 link is the one stored in anomalib's
+        # src/anomalib/data/datamodules/image/mvtecad.py, reported as answering 404 in anomalib issue #3608.
+        url=(
+            "https://www.mydrive.ch/shares/150996/b52ecdcbf521176e9db9c731f2304b27/"
+            "download/420938113-1629960298/mvtec_anomaly_detection.tar.xz"
+        ),
+        # anomalib DownloadInfo(hashsum=...) for MVTec AD; its hashsum is a SHA-256.
+        sha256="cf4313b13603bec67abb49ca959488f7eedce2a9f7795ec54446c649ac98cd3d",
+        archive="mvtec_anomaly_detection.tar.xz",
+        size=5_264_982_680,
+        licence=(
+            "CC BY-NC-SA 4.0 (non-commercial use). Cite Bergmann et al., 'MVTec AD - A Comprehensive Real-World "
+            "Dataset for Unsupervised Anomaly Detection', CVPR 2019, and Bergmann et al., 'The MVTec Anomaly "
+            "Detection Dataset', IJCV 129(4), 2021."
+        ),
+        folder="mvtec_anomaly_detection",
+        layout=(
+            "<category>/train/good/*.png                    (15 categories: bottle, cable, ... zipper)\n"
+            "<category>/test/<type>/*.png                   (<type> is good or a defect type)\n"
+            "<category>/ground_truth/<type>/<stem>_mask.png"
+        ),
+        manual=(
+            "MVTec changes its download links from time to time. If this one fails, open "
+            "https://www.mvtec.com/company/research/datasets/mvtec-ad/downloads, accept the licence and download "
+            "the whole dataset (mvtec_anomaly_detection.tar.xz), or pass the new link as the URL to download."
+        ),
+        alternative_urls=(
+            "https://www.mydrive.ch/shares/38536/3830184030e49fe74747669442f0f283/"
+            "download/420938113-1629960298/mvtec_anomaly_detection.tar.xz",
+        ),
+    ),
+    "visa": DownloadSource(
+        name="visa",
+        title="VisA (Visual Anomaly)",
+        url="https://amazon-visual-anomaly.s3.us-west-2.amazonaws.com/VisA_20220922.tar",
+        # anomalib src/anomalib/data/datamodules/image/visa.py DownloadInfo(hashsum=...), a SHA-256.
+        sha256="2eb8690c803ab37de0324772964100169ec8ba1fa3f7e94291c9ca673f40f362",
+        archive="VisA_20220922.tar",
+        size=1_929_840_640,
+        licence=(
+            "CC BY 4.0 according to the dataset's README (amazon-science/spot-diff) and the LICENSE-DATASET file "
+            "in the archive (anomalib's docstring says CC BY-NC-SA 4.0; the licence file in the archive is the "
+            "one to follow). Cite Zou et al., 'SPot-the-Difference Self-Supervised Pre-training for Anomaly "
+            "Detection and Segmentation', ECCV 2022."
+        ),
+        folder="visa",
+        layout=(
+            "<category>/Data/Images/Normal/*.JPG            (12 categories: candle, capsules, ... pipe_fryum)\n"
+            "<category>/Data/Images/Anomaly/*.JPG\n"
+            "<category>/Data/Masks/Anomaly/*.png\n"
+            "split_csv/1cls.csv"
+        ),
+        manual="The archive is linked from the dataset's page, https://github.com/amazon-science/spot-diff.",
+    ),
+    "dtd": DownloadSource(
+        name="dtd",
+        title="DTD (Describable Textures Dataset)",
+        url="https://www.robots.ox.ac.uk/~vgg/data/dtd/download/dtd-r1.0.1.tar.gz",
+        # anomalib src/anomalib/models/image/draem/lightning_model.py DTD_DOWNLOAD_INFO (also torchvision's
+        # prototype DTD dataset, sha256=...).
+        sha256="e42855a52a4950a3b59612834602aa253914755c95b0cff9ead6d07395f8e205",
+        archive="dtd-r1.0.1.tar.gz",
+        size=625_239_812,
+        licence=(
+            "For research purposes (Oxford VGG). Cite Cimpoi et al., 'Describing Textures in the Wild', CVPR 2014."
+        ),
+        folder="dtd",
+        layout="images/<class>/*.jpg                            (47 texture classes)\nlabels/\nimdb/",
+        manual="The archive is linked from the dataset's page, https://www.robots.ox.ac.uk/~vgg/data/dtd/.",
+        usage="Use {path}/images as the folder of texture images for anomaly synthesis (the texture_dir setting).",
+        archive_has_folder=True,
+    ),
+    "mpdd": DownloadSource(
+        name="mpdd",
+        title="MPDD (Metal Parts Defect Detection)",
+        url=None,  # the archive is on Google Drive: no stable direct address
+        sha256=None,  # no published checksum
+        archive="",
+        size=None,
+        licence=(
+            "See the terms in the dataset's repository, https://github.com/stepanje/MPDD. Cite Jezek et al., "
+            "'Deep learning-based defect detection of metal parts: evaluating current methods in complex "
+            "conditions', ICUMT 2021."
+        ),
+        folder="mpdd",
+        layout=(
+            "<category>/train/good/*.png                    (6 categories: bracket_black, bracket_brown, "
+            "bracket_white, connector, metal_plate, tubes)\n"
+            "<category>/test/<type>/*.png                   (<type> is good or a defect type)\n"
+            "<category>/ground_truth/<type>/<stem>_mask.png"
+        ),
+        manual=(
+            "MPDD has no stable direct download address: its archive is on Google Drive, linked from the README "
+            "of https://github.com/stepanje/MPDD. Download it in a browser (or with a Google Drive client such "
+            "as gdown), then unzip it and arrange the category folders as shown below; or, with a direct link of "
+            "your own, download it with `dmdd download mpdd --url LINK`."
+        ),
+    ),
+}
+"""Every archive ``dmdd download`` knows, by name: the datasets of :data:`DATASETS` that have one, and DTD (the
+textures of the synthesis). [addresses and checksums: anomalib's dataset modules and the datasets' pages]"""

@@ -10,15 +10,13 @@ import warnings
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from .catalog import DATASET_KINDS
+from .catalog import DATASET_KINDS, DOWNLOADS
 from .config import AMP_MODES, PRESETS, DMDDConfig
 
 if TYPE_CHECKING:
     from .data import DataSource
 
 BUILTIN = "builtin"
-DOWNLOADABLE = ("mvtec", "visa", "dtd", "mpdd")
-
 DESCRIPTION = """\
 DMDD: Dual-Modeling Decouple Distillation for unsupervised anomaly detection.
 
@@ -160,7 +158,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-resume", dest="resume", action="store_false", help="train everything again, even tasks finished before")
 
     p = sub.add_parser("download", help="download and extract MVTec AD, VisA or DTD (needs internet; resumable, checksum-verified)")
-    p.add_argument("dataset", choices=sorted(DOWNLOADABLE), help="mvtec, visa, dtd (textures for the synthesis), or mpdd (prints how to get it by hand)")
+    p.add_argument("dataset", choices=sorted(DOWNLOADS), help="mvtec, visa, dtd (textures for the synthesis), or mpdd (prints how to get it by hand)")
     p.add_argument("--root", help="folder to put it in (default: $DMDD_DATA or ~/.cache/dmdd)")
     p.add_argument("--keep-archive", dest="keep_archive", action="store_true", help="keep the downloaded archive after extraction")
     p.add_argument("--url", help="another address for the same archive (a mirror)")

@@ -44,7 +44,7 @@ MPDD (``mpdd``, folder ``mpdd``; no stable direct address, set it up by hand)::
     ROOT/<category>/ground_truth/<type>/<stem>_mask.png
 
 Addresses and checksums come from anomalib's dataset modules (openvinotoolkit/anomalib, now
-open-edge-platform/anomalib) and the datasets' own pages; see :data:`SOURCES`.
+open-edge-platform/anomalib) and the datasets' own pages; see :data:`DOWNLOADS`.
 """
 
 from __future__ import annotations
@@ -71,17 +71,17 @@ import urllib.request
 import zipfile
 import zlib
 from collections.abc import Iterator, Mapping
-from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 from typing import Any
 
 from tqdm.auto import tqdm
 
+from dmdd_core.catalog import DOWNLOADS, DownloadSource
 from dmdd_core.config import progress_disabled
 
 __all__ = [
     "MARKER_NAME",
-    "SOURCES",
+    "DOWNLOADS",
     "DownloadError",
     "DownloadSource",
     "DownloadUnavailable",
@@ -104,145 +104,6 @@ MARKER_NAME = ".dmdd_download.json"
 USER_AGENT = "dmdd-download/1 (Python urllib)"
 
 _SHA256_RE = re.compile(r"[0-9a-f]{64}")
-
-
-@dataclass(frozen=True)
-class DownloadSource:
-    """Where one dataset comes from and what it looks like once extracted."""
-
-    name: str
-    """The name given to :func:`download_dataset` and ``dmdd download``."""
-    title: str
-    url: str | None
-    """Direct address of the archive; None when there is no stable one (see :attr:`manual`)."""
-    sha256: str | None
-    """SHA-256 of the archive (64 lower-case hex digits); None when no published or verified one is known."""
-    archive: str
-    """File name of the archive ("" when unknown)."""
-    size: int | None
-    """Size of the archive in bytes, if known."""
-    licence: str
-    """Licence and what to cite."""
-    folder: str
-    """Name of the dataset folder under the download root after extraction."""
-    layout: str
-    """Expected layout after extraction, one pattern a line, relative to the dataset folder."""
-    manual: str
-    """How to get the archive by hand (no stable address, offline machine, a link that moved)."""
-    usage: str = "Pass --data {path} to dmdd."
-    """What to do with the extracted folder; ``{path}`` is replaced by it."""
-    archive_has_folder: bool = False
-    """True when the archive's entries sit inside one folder named :attr:`folder` (DTD's ``dtd/``); False when
-    they sit at its top level (MVTec AD, VisA), so it is extracted *into* the folder."""
-    alternative_urls: tuple[str, ...] = ()
-    """Older or other addresses of the same archive, tried in turn when the server answers with an HTTP error."""
-
-
-SOURCES: dict[str, DownloadSource] = {
-    "mvtec": DownloadSource(
-        name="mvtec",
-        title="MVTec AD",
-        # MVTec moves its mydrive.ch share links from time to time. The 150996/... link is the one in use in 2026
-        # (several projects pinning the same SHA-256 use it); the 38536/...f283 link is the one stored in anomalib's
-        # src/anomalib/data/datamodules/image/mvtecad.py, reported as answering 404 in anomalib issue #3608.
-        url=(
-            "https://www.mydrive.ch/shares/150996/b52ecdcbf521176e9db9c731f2304b27/"
-            "download/420938113-1629960298/mvtec_anomaly_detection.tar.xz"
-        ),
-        # anomalib DownloadInfo(hashsum=...) for MVTec AD; its hashsum is a SHA-256.
-        sha256="cf4313b13603bec67abb49ca959488f7eedce2a9f7795ec54446c649ac98cd3d",
-        archive="mvtec_anomaly_detection.tar.xz",
-        size=5_264_982_680,
-        licence=(
-            "CC BY-NC-SA 4.0 (non-commercial use). Cite Bergmann et al., 'MVTec AD - A Comprehensive Real-World "
-            "Dataset for Unsupervised Anomaly Detection', CVPR 2019, and Bergmann et al., 'The MVTec Anomaly "
-            "Detection Dataset', IJCV 129(4), 2021."
-        ),
-        folder="mvtec_anomaly_detection",
-        layout=(
-            "<category>/train/good/*.png                    (15 categories: bottle, cable, ... zipper)\n"
-            "<category>/test/<type>/*.png                   (<type> is good or a defect type)\n"
-            "<category>/ground_truth/<type>/<stem>_mask.png"
-        ),
-        manual=(
-            "MVTec changes its download links from time to time. If this one fails, open "
-            "https://www.mvtec.com/company/research/datasets/mvtec-ad/downloads, accept the licence and download "
-            "the whole dataset (mvtec_anomaly_detection.tar.xz), or pass the new link as the URL to download."
-        ),
-        alternative_urls=(
-            "https://www.mydrive.ch/shares/38536/3830184030e49fe74747669442f0f283/"
-            "download/420938113-1629960298/mvtec_anomaly_detection.tar.xz",
-        ),
-    ),
-    "visa": DownloadSource(
-        name="visa",
-        title="VisA (Visual Anomaly)",
-        url="https://amazon-visual-anomaly.s3.us-west-2.amazonaws.com/VisA_20220922.tar",
-        # anomalib src/anomalib/data/datamodules/image/visa.py DownloadInfo(hashsum=...), a SHA-256.
-        sha256="2eb8690c803ab37de0324772964100169ec8ba1fa3f7e94291c9ca673f40f362",
-        archive="VisA_20220922.tar",
-        size=1_929_840_640,
-        licence=(
-            "CC BY 4.0 according to the dataset's README (amazon-science/spot-diff) and the LICENSE-DATASET file "
-            "in the archive (anomalib's docstring says CC BY-NC-SA 4.0; the licence file in the archive is the "
-            "one to follow). Cite Zou et al., 'SPot-the-Difference Self-Supervised Pre-training for Anomaly "
-            "Detection and Segmentation', ECCV 2022."
-        ),
-        folder="visa",
-        layout=(
-            "<category>/Data/Images/Normal/*.JPG            (12 categories: candle, capsules, ... pipe_fryum)\n"
-            "<category>/Data/Images/Anomaly/*.JPG\n"
-            "<category>/Data/Masks/Anomaly/*.png\n"
-            "split_csv/1cls.csv"
-        ),
-        manual="The archive is linked from the dataset's page, https://github.com/amazon-science/spot-diff.",
-    ),
-    "dtd": DownloadSource(
-        name="dtd",
-        title="DTD (Describable Textures Dataset)",
-        url="https://www.robots.ox.ac.uk/~vgg/data/dtd/download/dtd-r1.0.1.tar.gz",
-        # anomalib src/anomalib/models/image/draem/lightning_model.py DTD_DOWNLOAD_INFO (also torchvision's
-        # prototype DTD dataset, sha256=...).
-        sha256="e42855a52a4950a3b59612834602aa253914755c95b0cff9ead6d07395f8e205",
-        archive="dtd-r1.0.1.tar.gz",
-        size=625_239_812,
-        licence=(
-            "For research purposes (Oxford VGG). Cite Cimpoi et al., 'Describing Textures in the Wild', CVPR 2014."
-        ),
-        folder="dtd",
-        layout="images/<class>/*.jpg                            (47 texture classes)\nlabels/\nimdb/",
-        manual="The archive is linked from the dataset's page, https://www.robots.ox.ac.uk/~vgg/data/dtd/.",
-        usage="Use {path}/images as the folder of texture images for anomaly synthesis (the texture_dir setting).",
-        archive_has_folder=True,
-    ),
-    "mpdd": DownloadSource(
-        name="mpdd",
-        title="MPDD (Metal Parts Defect Detection)",
-        url=None,  # the archive is on Google Drive: no stable direct address
-        sha256=None,  # no published checksum
-        archive="",
-        size=None,
-        licence=(
-            "See the terms in the dataset's repository, https://github.com/stepanje/MPDD. Cite Jezek et al., "
-            "'Deep learning-based defect detection of metal parts: evaluating current methods in complex "
-            "conditions', ICUMT 2021."
-        ),
-        folder="mpdd",
-        layout=(
-            "<category>/train/good/*.png                    (6 categories: bracket_black, bracket_brown, "
-            "bracket_white, connector, metal_plate, tubes)\n"
-            "<category>/test/<type>/*.png                   (<type> is good or a defect type)\n"
-            "<category>/ground_truth/<type>/<stem>_mask.png"
-        ),
-        manual=(
-            "MPDD has no stable direct download address: its archive is on Google Drive, linked from the README "
-            "of https://github.com/stepanje/MPDD. Download it in a browser (or with a Google Drive client such "
-            "as gdown), then unzip it and arrange the category folders as shown below; or, with a direct link of "
-            "your own, download it with `dmdd download mpdd --url LINK`."
-        ),
-    ),
-}
-"""The datasets :func:`download_dataset` knows, by name."""
 
 
 class DownloadError(RuntimeError):
@@ -274,9 +135,9 @@ class _RestartFromZero(Exception):
 def get_source(name: str) -> DownloadSource:
     """The registry entry called ``name``; a ValueError lists the known names otherwise."""
     try:
-        return SOURCES[name]
+        return DOWNLOADS[name]
     except KeyError:
-        raise ValueError(f"unknown dataset {name!r}; choose one of {', '.join(SOURCES)}") from None
+        raise ValueError(f"unknown dataset {name!r}; choose one of {', '.join(DOWNLOADS)}") from None
 
 
 def progress_enabled(progress: bool | None = None) -> bool:
@@ -759,7 +620,7 @@ def download_dataset(
     url: str | None = None,
     sha256: str | None = None,
 ) -> Path:
-    """Download, verify and extract the dataset ``name`` (a key of :data:`SOURCES`) under ``root``; return the
+    """Download, verify and extract the dataset ``name`` (a key of :data:`DOWNLOADS`) under ``root``; return the
     dataset folder ``root/<folder>``, the one to pass as ``--data``.
 
     A folder whose marker says it is complete is returned at once, with no network access. Otherwise the archive

@@ -13,7 +13,7 @@ Shapes are given for a ResNet18 teacher at 256^2 input; B is the batch size.
 from __future__ import annotations
 
 import warnings
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import timm
 import torch
@@ -173,12 +173,15 @@ class DecoupleHead(nn.Module):
 
 
 class DecoupledStudent(nn.Module):
-    """Student plus one DecoupleHead per level. With ``decouple=False`` it is DeSTSeg's student and the
-    abnormality features are None."""
+    """The plain student plus one DecoupleHead per level. [paper]
+
+    With ``decouple`` it returns the normality features F_n^l and the abnormality features F_a^l. With
+    ``decouple=False`` it is DeSTSeg's student: there is no split, its features S^l take the normality
+    branch's place (NGM is then DeSTSeg's denoising loss) and the abnormality features are None."""
 
     def __init__(self, teacher_channels: list[int], cfg: DMDDConfig) -> None:
         super().__init__()
-        self.student = Student(teacher_channels, cfg.student)
+        self.plain = Student(teacher_channels, cfg.student)
         self.decouple_heads = (
             nn.ModuleList(DecoupleHead(c, cfg.decouple_hidden_mult) for c in teacher_channels)
             if cfg.decouple
@@ -186,12 +189,18 @@ class DecoupledStudent(nn.Module):
         )
 
     def forward(self, x_normalized: Tensor) -> tuple[list[Tensor], list[Tensor] | None]:
-        """-> (normality features [F_n^1, F_n^2, F_n^3], abnormality features [F_a^l] or None)."""
-        features = self.student(x_normalized)
+        """-> ([F_n^1, F_n^2, F_n^3], [F_a^1, F_a^2, F_a^3]) with decoupling; ([S^1, S^2, S^3], None) without."""
+        features = self.plain(x_normalized)
         if self.decouple_heads is None:
             return features, None
         pairs = [head(f) for head, f in zip(self.decouple_heads, features)]
         return [n for n, _ in pairs], [a for _, a in pairs]
+
+    def _load_from_state_dict(self, state_dict: dict[str, Any], prefix: str, *args: Any) -> None:
+        # Checkpoints written before the plain student was named ``plain`` called it ``student``.
+        for key in [k for k in state_dict if k.startswith(prefix + "student.")]:
+            state_dict[prefix + "plain." + key[len(prefix + "student."):]] = state_dict.pop(key)
+        super()._load_from_state_dict(state_dict, prefix, *args)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -212,6 +221,19 @@ def segmentation_input(teacher: list[Tensor], branches: list[list[Tensor]]) -> T
     return torch.cat(parts, dim=1)
 
 
+def segmentation_tail(channels: int, rates: tuple[int, ...], *middle: nn.Module) -> nn.Sequential:
+    """ASPP (rates + pooling), then ``middle`` (spatial attention in the multi-perception network), then 3x3
+    conv-BN-ReLU and a 1x1 conv to one logit: the part both segmentation networks share. [DeSTSeg]"""
+    return nn.Sequential(
+        ASPP(channels, list(rates), channels),
+        *middle,
+        nn.Conv2d(channels, channels, 3, padding=1, bias=False),
+        nn.BatchNorm2d(channels),
+        nn.ReLU(inplace=True),
+        nn.Conv2d(channels, 1, 1),
+    )
+
+
 class DeSTSegHead(nn.Module):
     """DeSTSeg's segmentation network: 2 residual blocks to 256 ch, ASPP (6, 12, 18 + pooling), 3x3 conv-BN-ReLU,
     1x1 conv to one logit. [DeSTSeg] ``body`` and ``head`` have separate learning rates."""
@@ -219,13 +241,7 @@ class DeSTSegHead(nn.Module):
     def __init__(self, in_channels: int, channels: int = 256, rates: tuple[int, ...] = (6, 12, 18)) -> None:
         super().__init__()
         self.body = residual_stage(in_channels, channels)
-        self.head = nn.Sequential(
-            ASPP(channels, list(rates), channels),
-            nn.Conv2d(channels, channels, 3, padding=1, bias=False),
-            nn.BatchNorm2d(channels),
-            nn.ReLU(inplace=True),
-            nn.Conv2d(channels, 1, 1),
-        )
+        self.head = segmentation_tail(channels, rates)
 
     def forward(self, x: Tensor) -> Tensor:
         """(B,Cin,h,w) -> logits (B,1,h,w)."""
@@ -270,14 +286,7 @@ class MultiPerceptionSegNet(nn.Module):
     def __init__(self, in_channels: int, channels: int = 256, rates: tuple[int, ...] = (6, 12, 18)) -> None:
         super().__init__()
         self.body = nn.Sequential(ChannelAttention(in_channels), residual_stage(in_channels, channels))
-        self.head = nn.Sequential(
-            ASPP(channels, list(rates), channels),
-            SpatialAttention(),
-            nn.Conv2d(channels, channels, 3, padding=1, bias=False),
-            nn.BatchNorm2d(channels),
-            nn.ReLU(inplace=True),
-            nn.Conv2d(channels, 1, 1),
-        )
+        self.head = segmentation_tail(channels, rates, SpatialAttention())
 
     def forward(self, x: Tensor) -> Tensor:
         """(B,2*sum C,h,w) -> logits (B,1,h,w)."""

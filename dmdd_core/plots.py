@@ -119,3 +119,27 @@ def loss_curves(log: Sequence[dict[str, float]], title: str = "") -> plt.Figure:
             ax.legend(frameon=False)
     fig.tight_layout()
     return fig
+
+
+def example_figure(ev: Any, per_kind: int = 2, pixel_threshold: float | None = None) -> plt.Figure:
+    """Best and worst examples of one :class:`~dmdd_core.infer.Evaluation`, ``per_kind`` of each, as columns:
+    the highest-scored defective images (best found), the lowest-scored defective ones (worst missed) and the
+    highest-scored good ones (worst false alarms). With ``pixel_threshold`` (chosen on the validation split) a
+    last row shows the predicted mask."""
+    from .data import load_image
+
+    preds = ev.predictions
+    if preds is None:
+        raise ValueError("the evaluation holds no predictions")
+    defective = np.flatnonzero(preds.labels == 1)
+    good = np.flatnonzero(preds.labels == 0)
+    order_def = defective[np.argsort(-preds.scores[defective], kind="stable")]
+    order_good = good[np.argsort(-preds.scores[good], kind="stable")]
+    picks = [("best", i) for i in order_def[:per_kind]] + [("worst", i) for i in order_def[::-1][:per_kind]]
+    picks += [("worst", i) for i in order_good[:per_kind]]
+    size = preds.maps.shape[-1]
+    images = [load_image(preds.paths[i], size).permute(1, 2, 0).numpy() for _, i in picks]
+    titles = [f"{kind}: {preds.defect_types[i]}\nscore {preds.scores[i]:.2f}" for kind, i in picks]
+    masks = [preds.masks[i] for _, i in picks]
+    maps = [preds.maps[i] for _, i in picks]
+    return anomaly_examples(images, masks, maps, titles, threshold=pixel_threshold, threshold_label="(val F1-max)")

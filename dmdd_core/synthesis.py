@@ -3,7 +3,7 @@
 The one synthesis code path of the package (METHOD.md section 1), used by training, the validation split, the
 notebooks and the tests. For a batch of normal images I (B,3,H,W) in [0,1]: [DeSTSeg recipe; batched: ours]
 
-1. rotate each I by its category's policy, grey 114 filling the corners (:func:`rotate_for_category`);
+1. rotate each I by its category's policy, grey 114 filling the corners (:func:`rotate_by_policy`);
 2. M = threshold(rotate(Perlin noise at 2^ky x 2^kx cells)), k in 0..5 per axis and per sample
    (:func:`perlin_masks`);
 3. T = a random crop of a random texture, resized to I (:meth:`TextureSource.values_at`);
@@ -31,7 +31,7 @@ from PIL import Image
 from scipy import ndimage
 from torch import Tensor
 
-from dmdd_core.catalog import ROTATION_POLICY, Policy, rotation_policy  # noqa: F401  (re-exported: the table)
+from dmdd_core.catalog import Policy
 from dmdd_core.imageio import IMAGE_EXTENSIONS, is_image_file, read_rgb
 
 FILL_VALUE: float = 114.0 / 255.0
@@ -185,13 +185,14 @@ def rotation_angles(policy: Policy, draws: SynthesisDraws) -> Tensor | None:
     raise ValueError(f"unknown rotation policy {policy!r}; choose none, small or right_angle_small")
 
 
-def rotate_for_category(images: Tensor, category: str, draws: SynthesisDraws) -> Tensor:
-    """Rotate normal images (B,3,H,W) in [0,1] by their category's policy; uncovered pixels get grey 114.
+def rotate_by_policy(images: Tensor, policy: Policy, draws: SynthesisDraws) -> Tensor:
+    """Rotate normal images (B,3,H,W) in [0,1] by a category's rotation policy (its data source's
+    :meth:`~dmdd_core.data.DataSource.rotation_policy`); uncovered pixels get grey 114.
 
     "small": U(-5, 5) degrees; "right_angle_small": a random multiple of 90 degrees plus U(-5, 5); "none":
     ``images`` itself. [DeSTSeg policies; one rotation for both parts: ours]
     """
-    angles = rotation_angles(rotation_policy(category), draws)
+    angles = rotation_angles(policy, draws)
     if angles is None:
         return images
     return rotate(images, angles, fill=FILL_VALUE).clamp_(0.0, 1.0)
@@ -544,7 +545,7 @@ def synthesize_anomalies(
     textures: TextureSource,
     generator: torch.Generator,
     *,
-    category: str | None = None,
+    rotation: Policy = "none",
     beta_max: float = 0.8,
     max_scale_exp: int = 5,
     threshold: float = 0.5,
@@ -553,7 +554,7 @@ def synthesize_anomalies(
     """Paste a texture into each normal image of a batch inside a Perlin mask. [DeSTSeg recipe; batched: ours]
 
     images (B,3,H,W) float in [0,1], on any device -> (I_orig, I_aug, M) on that device: I_orig (B,3,H,W) the
-    normal images after their category's rotation (``category`` None: no rotation), I_aug (B,3,H,W) with
+    normal images after the rotation policy ``rotation`` (the category's), I_aug (B,3,H,W) with
     I_aug = I_orig*(1-M) + (1-beta)*T*M + beta*I_orig*M and beta ~ U(0, beta_max), M (B,1,H,W) in {0,1}.
     Applied to every sample; a mask may be empty. All draws come from ``generator`` (:class:`SynthesisDraws`).
     M is binary, so I_aug equals I_orig outside M and (1-beta)*T + beta*I_orig inside; only the inside is
@@ -567,8 +568,7 @@ def synthesize_anomalies(
         raise ValueError(f"synthesize_anomalies expects (B,3,H,W) images, got shape {tuple(images.shape)}")
     b, _, h, w = images.shape
     draws = SynthesisDraws.draw(b, len(textures), generator, beta_max=beta_max, max_scale_exp=max_scale_exp)
-    if category is not None:
-        images = rotate_for_category(images, category, draws)
+    images = rotate_by_policy(images, rotation, draws)
     masks = perlin_masks(draws.mask, (h, w), threshold, images.device)
     points, texture = textures.values_at(draws.texture, masks[:, 0] > 0)  # (P,3) each
     k, iy, ix = points.unbind(dim=1)

@@ -14,7 +14,7 @@ import torch
 from scipy import stats
 
 import dmdd_core.ablation as ablation
-import dmdd_core.benchmark as benchmark_module
+import dmdd_core.runner as runner
 from dmdd_core.ablation import (
     OUR_VARIANTS,
     PAPER_VARIANTS,
@@ -154,7 +154,7 @@ def test_run_ablation_again_trains_nothing(small_ablation: dict[str, Any], built
     def no_training(*args: Any, **kwargs: Any) -> None:
         raise AssertionError("a finished task was run again")
 
-    monkeypatch.setattr(ablation, "run_task", no_training)
+    monkeypatch.setattr(runner, "run_task", no_training)
     run_ablation(smoke_config(), builtin_root, small_ablation["out"], variants=small_ablation["variants"],
                  categories=["brick"], seeds=[0, 1], progress=False)
     assert "6 done before" in capsys.readouterr().out
@@ -190,13 +190,13 @@ def test_cli_lists_variants_and_runs_an_ablation(builtin_root: Path, tmp_path: P
 def test_ablation_tasks_run_seed_by_seed(builtin_root: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     order: list[tuple[str, int]] = []
 
-    def fake_task(task: benchmark_module.Task, cfg: DMDDConfig, source: Any, out: Path, **kwargs: Any) -> dict[str, Any]:
-        order.append((out.name, task.seed))
+    def fake_task(job: runner.Job, source: Any, **kwargs: Any) -> dict[str, Any]:
+        order.append((job.folder.name, job.task.seed))
         if len(order) == 4:
             raise KeyboardInterrupt
         return {"evaluation": {"dmdd": {"image_auroc": 0.5, "pixel_auroc": 0.5, "aupro": 0.1}}}
 
-    monkeypatch.setattr(ablation, "run_task", fake_task)
+    monkeypatch.setattr(runner, "run_task", fake_task)
     with pytest.raises(KeyboardInterrupt):
         run_ablation(smoke_config(), builtin_root, tmp_path, variants=select_variants(["destseg"]),
                      categories=["brick"], seeds=[3, 4], progress=False)

@@ -15,19 +15,10 @@ import numpy as np
 import pytest
 
 import dmdd_core.fit as fit_module
-import dmdd_core.report  # noqa: F401 - imported before any test patches train, so it keeps the real one
-from dmdd_core.benchmark import (
-    PUBLISHED,
-    Rank,
-    Task,
-    make_tasks,
-    markdown_report,
-    merge,
-    run_benchmark,
-    summarise,
-)
+from dmdd_core.benchmark import PUBLISHED, markdown_report, merge, run_benchmark, summarise
 from dmdd_core.cli import main
 from dmdd_core.config import DMDDConfig
+from dmdd_core.runner import Rank, Task, make_tasks
 
 CATEGORIES = ["brick", "grass"]
 

@@ -127,7 +127,7 @@ def test_test_dataset_pairs_images_labels_and_masks(tmp_path: Path) -> None:
 def _pairs(root: Path, category: str, textures: TextureSource, seed: int, batch_size: int = 4) -> SyntheticPairs:
     """Training batches of every training image of ``root/category`` at 32x32 (no validation split)."""
     images = CategoryData.load(root, category, 32, val_fraction=0.0).train_images
-    return SyntheticPairs(images, category, textures, batch_size=batch_size, seed=seed)
+    return SyntheticPairs(images, textures, batch_size=batch_size, seed=seed)
 
 
 def test_synthetic_pairs_are_a_function_of_seed_and_step(tmp_path: Path, textures: TextureSource) -> None:
@@ -169,7 +169,7 @@ def test_synthetic_pairs_from_config(tmp_path: Path) -> None:
     make_mvtec_tree(tmp_path, "brick", n_train=2, defects={})
     cfg = DMDDConfig.preset("smoke", seed=3, rotate=False)
     pairs = SyntheticPairs.from_config(tmp_path, "brick", cfg)
-    assert pairs.image_size == cfg.image_size and pairs.seed == 3 and not pairs.rotate
+    assert pairs.image_size == cfg.image_size and pairs.seed == 3 and pairs.rotation == "none"
     assert pairs.batch_size == cfg.batch_size
     assert "skimage:brick" not in pairs.textures.names
     batch = pairs.batch(0)
@@ -181,7 +181,7 @@ def test_synthetic_pairs_from_config(tmp_path: Path) -> None:
     with pytest.raises(FileNotFoundError, match="no_such_dir"):
         SyntheticPairs.from_config(tmp_path, "brick", cfg.replace(texture_dir=str(tmp_path / "no_such_dir")))
     with pytest.raises(ValueError, match="batch_size"):
-        SyntheticPairs(np.zeros((1, 8, 8, 3), np.uint8), "brick", pairs.textures, batch_size=0)
+        SyntheticPairs(np.zeros((1, 8, 8, 3), np.uint8), pairs.textures, batch_size=0)
 
 
 # --- the built-in dataset ----------------------------------------------------------------------------------------

@@ -13,7 +13,7 @@ import torch
 from conftest import make_mvtec_tree, make_visa_tree
 from PIL import Image
 
-from dmdd_core.catalog import DATASETS, MPDD_CATEGORIES, MVTEC_CATEGORIES, VISA_CATEGORIES, rotation_policy
+from dmdd_core.catalog import DATASETS, MPDD_CATEGORIES, MVTEC_CATEGORIES, VISA_CATEGORIES
 from dmdd_core.cli import main
 from dmdd_core.config import DMDDConfig
 from dmdd_core.data import (
@@ -52,10 +52,28 @@ def test_catalog_lists_and_rotation_policy() -> None:
     assert len(MVTEC_CATEGORIES) == 15 and len(MPDD_CATEGORIES) == 6 and len(VISA_CATEGORIES) == 12
     all_names = [c for info in DATASETS.values() for c in info.categories]
     assert len(all_names) == len(set(all_names)), "category names must not collide across datasets"
-    assert rotation_policy("screw") == "right_angle_small" and rotation_policy("zipper") == "small"
-    assert rotation_policy("transistor") == "none" and rotation_policy("pcb1") == "none"
-    assert rotation_policy("tubes") == "none" and rotation_policy("brick") == "right_angle_small"
-    assert set(DATASETS["mvtec"].rotation) == set(MVTEC_CATEGORIES)
+    mvtec = DATASETS["mvtec"]
+    assert mvtec.rotation_policy("screw") == "right_angle_small" and mvtec.rotation_policy("zipper") == "small"
+    assert mvtec.rotation_policy("transistor") == "none" and DATASETS["visa"].rotation_policy("pcb1") == "none"
+    assert DATASETS["mpdd"].rotation_policy("tubes") == "none"
+    assert DATASETS["builtin"].rotation_policy("brick") == "right_angle_small"
+    assert set(mvtec.rotation) == set(MVTEC_CATEGORIES)
+
+
+def test_the_rotation_policy_belongs_to_the_data_source_not_the_category_name(tmp_path: Path) -> None:
+    mvtec, mine, single = tmp_path / "mvtec", tmp_path / "mine", tmp_path / "single"
+    make_mvtec_tree(mvtec, "grid", n_train=2, defects={})
+    make_mvtec_tree(mvtec, "wood", n_train=2, defects={})
+    make_mvtec_tree(mine, "grid", n_train=2, defects={})
+    make_mvtec_tree(mine, "widget", n_train=2, defects={})
+    folder = make_mvtec_tree(single, "grid", n_train=2, defects={})
+    assert open_source(mvtec).rotation_policy("grid") == "right_angle_small"
+    assert open_source(mvtec).rotation_policy("wood") == "small"
+    assert open_source(mvtec, "mvtec").rotation_policy("grid") == "right_angle_small"
+    assert open_source(mine).rotation_policy("grid") == "none"  # a dataset of one's own that has a "grid"
+    assert open_source(folder).rotation_policy("grid") == "none"  # one folder named grid
+    reopened = source_from_description(open_source(mine).describe())
+    assert reopened.kind == "mvtec" and reopened.rotation_policy("grid") == "none"
 
 
 # --- layouts -----------------------------------------------------------------------------------------------------

@@ -407,7 +407,7 @@ def test_unresolvable_host_fails_fast(monkeypatch: pytest.MonkeyPatch, tmp_path:
         dl.download_dataset("visa", tmp_path, progress=False, timeout=3.0)
     assert time.monotonic() - start < 5.0
     message = str(info.value)
-    assert str(dl.SOURCES["visa"].url) in message
+    assert str(dl.DOWNLOADS["visa"].url) in message
     assert f"--data {tmp_path / 'visa'}" in message
     assert "split_csv/1cls.csv" in message
     assert list(tmp_path.iterdir()) == []
@@ -454,10 +454,10 @@ def test_mpdd_can_be_fetched_from_a_url_of_your_own(server: FileServer, tmp_path
 
 
 def test_registry_entries_are_well_formed() -> None:
-    assert set(dl.SOURCES) >= {"mvtec", "visa", "dtd", "mpdd"}
-    folders = [s.folder for s in dl.SOURCES.values()]
+    assert set(dl.DOWNLOADS) >= {"mvtec", "visa", "dtd", "mpdd"}
+    folders = [s.folder for s in dl.DOWNLOADS.values()]
     assert len(set(folders)) == len(folders)
-    for name, source in dl.SOURCES.items():
+    for name, source in dl.DOWNLOADS.items():
         assert source.name == name
         assert source.title and source.licence and source.layout and source.manual
         for url in filter(None, (source.url, *source.alternative_urls)):
@@ -466,7 +466,7 @@ def test_registry_entries_are_well_formed() -> None:
             assert source.archive and source.url.endswith(source.archive)
             assert source.sha256 is None or re.fullmatch(r"[0-9a-f]{64}", source.sha256), name
         assert source.size is None or source.size > 0
-    assert dl.SOURCES["mpdd"].url is None and dl.SOURCES["mpdd"].sha256 is None
+    assert dl.DOWNLOADS["mpdd"].url is None and dl.DOWNLOADS["mpdd"].sha256 is None
 
 
 def test_progress_setting(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -307,3 +307,15 @@ def test_config_rejects_switch_combinations_that_cannot_work() -> None:
         DMDDConfig.preset("smoke", image_size=100)
     with pytest.raises(ValueError, match="unknown preset"):
         DMDDConfig.preset("nonexistent")
+
+
+def test_a_state_dict_from_before_the_plain_student_was_renamed_still_loads() -> None:
+    cfg = DMDDConfig.preset("smoke", teacher="tf_efficientnet_lite0", teacher_pretrained=False)
+    torch.manual_seed(0)
+    saved = DMDD(cfg).state_dict()
+    old = {k.replace("student.plain.", "student.student.", 1): v for k, v in saved.items()}
+    assert any(k.startswith("student.student.encoder") for k in old)
+    torch.manual_seed(1)
+    model = DMDD(cfg)
+    model.load_state_dict(old)  # strict: no key missing, none unexpected
+    assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), saved.values()))

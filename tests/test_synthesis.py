@@ -16,7 +16,6 @@ from scipy import ndimage, stats
 
 from dmdd_core.synthesis import (
     FILL_VALUE,
-    ROTATION_POLICY,
     MaskDraws,
     SynthesisDraws,
     TextureDraws,
@@ -26,8 +25,7 @@ from dmdd_core.synthesis import (
     is_grayscale,
     perlin_masks,
     perlin_noise,
-    rotate_for_category,
-    rotation_policy,
+    rotate_by_policy,
     step_generator,
     synthesize_anomalies,
 )
@@ -175,9 +173,9 @@ def test_blend_follows_the_formula_and_beta_is_uniform(tmp_path: Path) -> None:
 def test_same_generator_same_batch_and_steps_differ() -> None:
     textures = TextureSource.builtin()
     images = torch.rand(6, 3, 48, 48, generator=_gen(0))
-    first = synthesize_anomalies(images, textures, step_generator(1, 3, 10), category="bottle")
-    again = synthesize_anomalies(images, textures, step_generator(1, 3, 10), category="bottle")
-    other = synthesize_anomalies(images, textures, step_generator(1, 3, 11), category="bottle")
+    first = synthesize_anomalies(images, textures, step_generator(1, 3, 10), rotation="right_angle_small")
+    again = synthesize_anomalies(images, textures, step_generator(1, 3, 10), rotation="right_angle_small")
+    other = synthesize_anomalies(images, textures, step_generator(1, 3, 11), rotation="right_angle_small")
     for a, b in zip(first, again, strict=True):
         assert torch.equal(a, b)
     assert not torch.equal(first[1], other[1])
@@ -235,14 +233,19 @@ def test_textures_are_decoded_once_and_kept_as_uint8_tensors() -> None:
 
 
 def test_rotation_policy_table() -> None:
+    from dmdd_core.catalog import DATASETS
+
+    mvtec = DATASETS["mvtec"]
     for category in ("capsule", "metal_nut", "pill", "toothbrush", "transistor"):
-        assert ROTATION_POLICY[category] == "none"
+        assert mvtec.rotation_policy(category) == "none"
     for category in ("wood", "zipper", "cable"):
-        assert ROTATION_POLICY[category] == "small"
-    for category in ("bottle", "grid", "hazelnut", "leather", "tile", "carpet", "screw", "brick", "grass", "gravel"):
-        assert ROTATION_POLICY[category] == "right_angle_small"
-    assert rotation_policy("bracket_black") == "none"
-    assert rotation_policy("no_such_category") == "none"
+        assert mvtec.rotation_policy(category) == "small"
+    for category in ("bottle", "grid", "hazelnut", "leather", "tile", "carpet", "screw"):
+        assert mvtec.rotation_policy(category) == "right_angle_small"
+    for category in ("brick", "grass", "gravel"):
+        assert DATASETS["builtin"].rotation_policy(category) == "right_angle_small"
+    assert DATASETS["mpdd"].rotation_policy("bracket_black") == "none"
+    assert mvtec.rotation_policy("no_such_category") == "none"
 
 
 def _ramps(n: int, size: int = 64) -> torch.Tensor:
@@ -262,14 +265,13 @@ def _brightest_side(image: torch.Tensor) -> str:
 def test_rotate_none_returns_images_unchanged() -> None:
     images = _ramps(4)
     draws = SynthesisDraws.draw(4, 1, _gen(0))
-    assert rotate_for_category(images, "capsule", draws) is images
-    assert rotate_for_category(images, "unknown_thing", draws) is images
+    assert rotate_by_policy(images, "none", draws) is images
 
 
 def test_rotate_small_keeps_orientation_and_fills_grey() -> None:
     images = _ramps(16)
     draws = SynthesisDraws.draw(16, 1, _gen(1))
-    rotated = rotate_for_category(images, "wood", draws)
+    rotated = rotate_by_policy(images, "small", draws)
     assert rotated.shape == images.shape
     assert {_brightest_side(r) for r in rotated} == {"right"}
     for image, angle in zip(rotated, draws.small_angle.tolist(), strict=True):
@@ -280,7 +282,7 @@ def test_rotate_small_keeps_orientation_and_fills_grey() -> None:
 
 def test_rotate_right_angle_reaches_all_four_orientations() -> None:
     images = _ramps(40)
-    rotated = rotate_for_category(images, "bottle", SynthesisDraws.draw(40, 1, _gen(2)))
+    rotated = rotate_by_policy(images, "right_angle_small", SynthesisDraws.draw(40, 1, _gen(2)))
     assert {_brightest_side(r) for r in rotated} == {"left", "right", "top", "bottom"}
 
 

@@ -25,6 +25,7 @@ import torch
 from torch import Tensor
 from torch.utils.data import Dataset
 
+from dmdd_core.catalog import Policy
 from dmdd_core.data.loading import InputReport, load_images, load_test_items
 from dmdd_core.data.sources import GOOD, DataSource, as_source
 from dmdd_core.synthesis import TRAIN_STREAM, VALIDATION_STREAM, TextureSource, step_generator, synthesize_anomalies
@@ -165,7 +166,7 @@ class SyntheticPairs:
     """The training batches of a run: batch s is a pure function of (seed, s). [DeSTSeg recipe; batching ours]
 
     ``batch(s)`` draws everything from :func:`~dmdd_core.synthesis.step_generator` ``(TRAIN_STREAM, seed, s)``: which training
-    images (uniformly, with replacement), their rotation (if ``rotate``), the masks, the textures and beta, then
+    images (uniformly, with replacement), their rotation (``rotation``, the category's policy in its data source), the masks, the textures and beta, then
     runs :func:`~dmdd_core.synthesis.synthesize_anomalies` on ``device``. Resuming at step s therefore gives
     the batches an uninterrupted run would have seen. The training images are held on ``device`` as one
     (N,3,S,S) uint8 tensor, the textures as uint8 tensors decoded once.
@@ -174,12 +175,11 @@ class SyntheticPairs:
     def __init__(
         self,
         images: np.ndarray,
-        category: str,
         textures: TextureSource,
         *,
         batch_size: int,
         seed: int = 0,
-        rotate: bool = True,
+        rotation: Policy = "none",
         beta_max: float = 0.8,
         max_scale_exp: int = 5,
         threshold: float = 0.5,
@@ -192,12 +192,11 @@ class SyntheticPairs:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
         self.images = torch.from_numpy(np.ascontiguousarray(images.transpose(0, 3, 1, 2))).to(device)
         self.device = self.images.device
-        self.category = category
         self.image_size = int(images.shape[1])
         self.textures = textures
         self.batch_size = batch_size
         self.seed = seed
-        self.rotate = rotate
+        self.rotation: Policy = rotation
         self.beta_max = beta_max
         self.max_scale_exp = max_scale_exp
         self.threshold = threshold
@@ -217,11 +216,10 @@ class SyntheticPairs:
             data = CategoryData.from_config(data, category, cfg)
         return cls(
             data.train_images,
-            category,
             textures if textures is not None else default_textures(category, cfg),
             batch_size=cfg.batch_size,
             seed=cfg.seed,
-            rotate=cfg.rotate,
+            rotation=data.source.rotation_policy(category) if cfg.rotate else "none",
             beta_max=cfg.beta_max,
             max_scale_exp=cfg.perlin_max_scale_exp,
             threshold=cfg.perlin_threshold,
@@ -250,7 +248,7 @@ class SyntheticPairs:
             normal,
             self.textures,
             generator,
-            category=self.category if self.rotate else None,
+            rotation=self.rotation,
             beta_max=self.beta_max,
             max_scale_exp=self.max_scale_exp,
             threshold=self.threshold,

@@ -31,7 +31,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import NamedTuple
 
-from dmdd_core.catalog import DATASET_ALIASES, DATASET_KINDS, DATASETS
+from dmdd_core.catalog import DATASET_ALIASES, DATASET_KINDS, DATASETS, Policy
 from dmdd_core.imageio import IMAGE_EXTENSIONS, is_image_file
 
 GOOD = "good"
@@ -74,6 +74,13 @@ class DataSource:
     root: Path
     kind: str
     """The dataset name (mvtec, mpdd, visa, builtin) or the layout name for other data (mvtec, folder)."""
+    dataset: str | None = None
+    """The known dataset (a key of :data:`~dmdd_core.catalog.DATASETS`) this source holds, None for data of
+    one's own: it decides the rotation policy."""
+
+    def rotation_policy(self, category: str) -> Policy:
+        """The rotation policy of ``category`` in this source: its dataset's, "none" for data of one's own."""
+        return DATASETS[self.dataset].rotation_policy(category) if self.dataset in DATASETS else "none"
 
     def categories(self) -> list[str]:
         raise NotImplementedError
@@ -86,7 +93,7 @@ class DataSource:
 
     def describe(self) -> dict[str, str]:
         """What to record in checkpoints and reports to open this source again."""
-        return {"root": str(self.root), "kind": self.kind}
+        return {"root": str(self.root), "kind": self.kind, "dataset": self.dataset or ""}
 
     def _unknown_category(self, category: str, detail: str) -> FileNotFoundError:
         found = self.categories()
@@ -241,15 +248,21 @@ class VisALayout(DataSource):
 def detect_kind(root: Path) -> str:
     """Guess the layout of ``root``: ``visa`` (split_csv/1cls.csv), ``folder`` (train/good directly under it),
     a known dataset name when every category belongs to it, else ``mvtec`` (the MVTec AD layout)."""
+    return _detect(root)[0]
+
+
+def _detect(root: Path) -> tuple[str, str | None]:
+    """(kind, the known dataset or None): a root whose categories are not all one dataset's is data of one's
+    own in the MVTec AD layout."""
     if (root / "split_csv").is_dir():
-        return "visa"
+        return "visa", "visa"
     if (root / "train" / GOOD).is_dir():
-        return "folder"
+        return "folder", None
     categories = {p.name for p in root.iterdir() if (p / "train" / GOOD).is_dir()}
     for name in ("mvtec", "mpdd", "builtin"):
         if categories and categories <= set(DATASETS[name].categories):
-            return name
-    return "mvtec"
+            return name, name
+    return "mvtec", None
 
 
 def open_source(
@@ -273,13 +286,12 @@ def open_source(
     if kind not in DATASET_KINDS:
         raise ValueError(f"unknown dataset kind {kind!r}; choose one of {', '.join(DATASET_KINDS)}")
     kind = DATASET_ALIASES.get(kind, kind)
-    if kind == "auto":
-        kind = detect_kind(base)
+    kind, dataset = _detect(base) if kind == "auto" else (kind, kind if kind in DATASETS else None)
     if kind == "visa":
-        return VisALayout(base, kind, split_file=split_file)
+        return VisALayout(base, kind, dataset, split_file=split_file)
     if kind == "folder":
-        return FolderLayout(base, kind, mask_suffix=mask_suffix)
-    return MVTecLayout(base, kind, mask_suffix=mask_suffix)
+        return FolderLayout(base, kind, dataset, mask_suffix=mask_suffix)
+    return MVTecLayout(base, kind, dataset, mask_suffix=mask_suffix)
 
 
 def as_source(data: str | Path | DataSource, kind: str = "auto") -> DataSource:
@@ -289,12 +301,15 @@ def as_source(data: str | Path | DataSource, kind: str = "auto") -> DataSource:
 
 def source_from_description(description: dict[str, str]) -> DataSource:
     """Reopen a source from :meth:`DataSource.describe` (as saved in a checkpoint)."""
-    return open_source(
+    source = open_source(
         description["root"],
         description.get("kind", "auto"),
         mask_suffix=description.get("mask_suffix", "_mask"),
         split_file=description.get("split_file", "1cls.csv"),
     )
+    if "dataset" in description:
+        source.dataset = description["dataset"] or None
+    return source
 
 
 def list_categories(root: str | Path, kind: str = "auto") -> list[str]:
