@@ -23,7 +23,7 @@ quickstart: setup
 	$(VENV)/bin/dmdd quickstart --preset fast --data builtin --out runs/quickstart
 
 test: setup
-	HF_HUB_OFFLINE=1 DMDD_FAST=1 $(VENV)/bin/python -m pytest -q tests notebooks --nbval-lax --nbval-current-env
+	HF_HUB_OFFLINE=1 DMDD_FAST=1 $(VENV)/bin/python -m pytest -q tests notebooks --nbval-lax --nbval-current-env --durations=15
 
 lint: setup
 	$(VENV)/bin/python -m pip install --quiet ruff mypy

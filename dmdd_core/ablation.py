@@ -40,7 +40,7 @@ import numpy as np
 
 from .config import DMDDConfig
 from .data import DataSource, as_source
-from .protocol import CHECKPOINT_RULE, HEADLINE_METRICS, label
+from .protocol import HEADLINE_METRICS, label
 from .runner import (
     FIGURES_DIR,
     RESULTS_DIR,
@@ -50,8 +50,8 @@ from .runner import (
     load_result,
     mean_std,
     run_jobs,
+    run_metadata,
     stat_text,
-    versions,
     write_text_files,
 )
 
@@ -317,22 +317,10 @@ def write_ablation(out: str | Path, variants: Sequence[Variant], categories: Seq
     rows = ablation_rows(collect(out, variants, categories, seeds), variants)
     if not any(r["seeds"] for r in rows):
         raise FileNotFoundError(f"no finished ablation tasks under {out}")
-    record = _any_record(out, variants, categories, seeds)
-    cfg = record["config"] if record else {}
-    meta = {
-        "data": f"{record['evaluation'].get('data', {}).get('kind', '?')}" if record else "?",
-        "preset": record.get("preset", "?") if record else "?",
-        "categories": ", ".join(categories),
-        "seeds": ", ".join(map(str, seeds)) + " (table rows use the seeds finished for every category)",
-        "training": f"{cfg.get('stage1_steps')} + {cfg.get('stage2_steps')} steps, batch {cfg.get('batch_size')}, "
-                    f"input {cfg.get('image_size')}x{cfg.get('image_size')}, teacher {record['teacher']['name'] if record else '?'}",
-        "metrics computed at": record["evaluation"].get("metric_resolution", "?") if record else "?",
-        "checkpoint rule": CHECKPOINT_RULE,
-        "AUPRO": "the reference definition (METHOD.md section 8)",
-        "device": record.get("device", "?") if record else "?",
-        "precision": record.get("precision", "unrecorded") if record else "?",
-        "versions": ", ".join(f"{k} {v}" for k, v in versions().items()),
-    }
+    records = _records(out, variants, categories, seeds)
+    meta = {"data": str(records[0]["evaluation"].get("data", {}).get("kind", "?")), "preset": records[0]["preset"],
+            **run_metadata(records),
+            "seeds": ", ".join(map(str, seeds)) + " (table rows use the seeds finished for every category)"}
     text = ablation_markdown(rows, meta)
     write_text_files(out, {"ablation.md": text, "ablation.csv": _csv(rows),
                            "ablation.json": json.dumps({"meta": meta, "rows": rows}, indent=1, default=_jsonable)})
@@ -352,15 +340,12 @@ def _jsonable(value: Any) -> Any:
     raise TypeError(f"not JSON serialisable: {type(value).__name__}")
 
 
-def _any_record(out: Path, variants: Sequence[Variant], categories: Sequence[str],
-                seeds: Sequence[int]) -> dict[str, Any] | None:
-    for v in variants:
-        for c in categories:
-            for s in seeds:
-                record = load_result(out / v.name / RESULTS_DIR / f"{Task(c, s).key}.json")
-                if record is not None:
-                    return record
-    return None
+def _records(out: Path, variants: Sequence[Variant], categories: Sequence[str],
+             seeds: Sequence[int]) -> list[dict[str, Any]]:
+    """Every finished task record of the ablation."""
+    found = (load_result(out / v.name / RESULTS_DIR / f"{Task(c, s).key}.json")
+             for v in variants for c in categories for s in seeds)
+    return [r for r in found if r is not None]
 
 
 def _csv(rows: Sequence[Mapping[str, Any]]) -> str:

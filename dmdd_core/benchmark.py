@@ -31,7 +31,7 @@ import numpy as np
 
 from .config import DMDDConfig
 from .data import DataSource, as_source
-from .protocol import AUPRO_DEFINITION, CHECKPOINT_RULE, HEADLINE_METRICS, MAIN_METRICS, PRO_VARIANTS, label
+from .protocol import HEADLINE_METRICS, MAIN_METRICS, PRO_VARIANTS, label
 from .runner import (
     FIGURES_DIR,
     RESULTS_DIR,
@@ -43,7 +43,9 @@ from .runner import (
     make_tasks,
     markdown_table,
     mean_std,
+    metadata_lines,
     run_jobs,
+    run_metadata,
     stat_text,
     write_text_files,
 )
@@ -144,30 +146,9 @@ def _dataset_kind(records: Sequence[dict[str, Any]]) -> str:
     return str(records[0]["evaluation"].get("data", {}).get("kind", "")) if records else ""
 
 
-def metadata_lines(records: Sequence[dict[str, Any]], complete: bool, total: int) -> list[str]:
-    first = records[0]
-    ev = first["evaluation"]
-    seeds = sorted({r["seed"] for r in records})
-    devices = sorted({r["device"] for r in records})
-    wall = sum(r["train_seconds"] + r["eval_seconds"] for r in records)
-    lines = [
-        f"- dataset: {ev.get('data', {}).get('kind', '?')} at `{ev.get('data', {}).get('root', '?')}`, "
-        f"{len({r['category'] for r in records})} categories, test split",
-        f"- preset: {first['preset']}; teacher {first['teacher']['name']} ({first['teacher']['source']}); "
-        f"input {first['config']['image_size']}x{first['config']['image_size']}",
-        f"- metrics computed at: {ev.get('metric_resolution', '?')}",
-        f"- seeds: {', '.join(map(str, seeds))}" + (" (mean ± sample std over seeds)" if len(seeds) > 1 else ""),
-        f"- checkpoint rule: {CHECKPOINT_RULE}; validation split: {first['config']['val_fraction']:.0%} of the "
-        f"training images held out (thresholds of the figures' predicted masks)",
-        f"- PRO: {AUPRO_DEFINITION}",
-        f"- device: {'; '.join(devices)}; ranks: {max(r['world_size'] for r in records)}; precision: "
-        f"{'; '.join(sorted({r.get('precision', 'unrecorded') for r in records}))}",
-        f"- wall time: {wall / 60:.1f} min in all (train + evaluate, summed over tasks and ranks)",
-        "- versions: " + ", ".join(f"{k} {v}" for k, v in first["versions"].items()),
-    ]
-    if not complete:
-        lines.insert(0, f"- **incomplete: {len(records)} of {total} tasks done**")
-    return lines
+def _metadata(records: Sequence[dict[str, Any]], complete: bool, total: int) -> list[str]:
+    lines = metadata_lines(run_metadata(records))
+    return lines if complete else [f"- **incomplete: {len(records)} of {total} tasks done**", *lines]
 
 
 def _metric_rows(summary: dict[str, Any], keys: Sequence[str], n_seeds: int) -> list[list[str]]:
@@ -184,7 +165,7 @@ def markdown_report(records: Sequence[dict[str, Any]], total: int | None = None)
     n_seeds = len(main["seeds"])
     kind = _dataset_kind(records)
     out = [f"# Benchmark: {kind or 'dataset'}, {records[0]['preset']} preset", "",
-           *metadata_lines(records, len(records) == total, total), "", "## Per category (percent)", ""]
+           *_metadata(records, len(records) == total, total), "", "## Per category (percent)", ""]
     seconds: dict[str, list[float]] = {}
     for r in records:
         seconds.setdefault(r["category"], []).append(r["train_seconds"] + r["eval_seconds"])

@@ -16,6 +16,7 @@ from __future__ import annotations
 import dataclasses
 import os
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Literal
 
 TeacherName = Literal["auto", "resnet18", "wide_resnet50_2", "tf_efficientnet_lite0"] | str
@@ -108,7 +109,7 @@ class DMDDConfig:
     weight_decay: float = 1e-4
     seed: int = 0
     checkpoint_every: int = 250
-    """Steps between checkpoints; the last step is always written. Checkpoint rule: the last step. [ours]"""
+    """Steps between checkpoints; the last step is always written (and evaluated: :data:`dmdd_core.protocol.CHECKPOINT_RULE`). [ours]"""
 
     # --- inference -------------------------------------------------------------------------------------------
     top_k: int = 100
@@ -227,6 +228,32 @@ def resolve_precision(amp: str, device_type: str, capability: tuple[int, int] | 
 def is_fast_mode() -> bool:
     """True when DMDD_FAST is set to 1/true/yes: notebooks and tests switch to the ``fast`` preset."""
     return os.environ.get("DMDD_FAST", "").strip().lower() in ("1", "true", "yes")
+
+
+def runs_dir(*parts: str) -> Path:
+    """Where the notebooks keep their training runs: ``$DMDD_RUNS`` if set (the test suite sets one folder for
+    the whole session, so a model trained once is loaded everywhere else), else ``runs/``."""
+    return Path(os.environ.get("DMDD_RUNS", "").strip() or "runs").expanduser().joinpath(*parts)
+
+
+TUTORIAL_FAST_MODE: dict[str, Any] = {"stage1_steps": 100, "stage2_steps": 60, "batch_size": 4}
+"""The fast preset shortened for fast mode (DMDD_FAST=1): about a minute and a half on two CPU cores."""
+
+
+def tutorial_config(**overrides: Any) -> DMDDConfig:
+    """The model the notebooks train and study, and the test suite shares: the ``fast`` preset shortened by
+    :data:`TUTORIAL_FAST_MODE` in fast mode; otherwise the ``paper`` preset on a GPU, the ``fast`` preset on a
+    CPU. Every notebook that only needs *a* trained model asks for this one, so it is trained once."""
+    if is_fast_mode():
+        return DMDDConfig.preset("fast", **{**TUTORIAL_FAST_MODE, **overrides})
+    import torch
+
+    return DMDDConfig.preset("paper" if torch.cuda.is_available() else "fast", **overrides)
+
+
+def tutorial_run_name(cfg: DMDDConfig, category: str, data: str = "builtin") -> str:
+    """The folder name of a tutorial run under :func:`runs_dir`, e.g. ``builtin_brick_fast_100+60_batch4``."""
+    return f"{data}_{category}_{cfg.preset_name}_{cfg.stage1_steps}+{cfg.stage2_steps}_batch{cfg.batch_size}"
 
 
 def progress_disabled(progress: bool | None) -> bool | None:

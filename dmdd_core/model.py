@@ -306,7 +306,8 @@ class DMDDOutput(NamedTuple):
     seg_logits: Tensor
     """(B,1,H/4,W/4) segmentation logits."""
     normality_discrepancy: Tensor
-    """(B,1,H,W) mean over levels of 1 - cos(T^l, F_n^l): what the normality branch finds."""
+    """(B,1,H,W) mean over levels of 1 - cos(T^l, F_n^l): what the normality branch finds (without decoupling,
+    the plain student's discrepancy, 1 - cos(T^l, S^l): DeSTSeg's map)."""
     abnormality_discrepancy: Tensor | None
     """(B,1,H,W) mean over levels of 1 - cos(T^l, F_a^l); None without decoupling."""
 

@@ -28,19 +28,19 @@ AUPRO_DEFINITION = (
 
 METRICS: tuple[Metric, ...] = (
     Metric("image_auroc", "image AUROC", "image scores against image labels"),
-    Metric("pixel_auroc", "pixel AUROC", "every pixel of every image, good images included"),
-    Metric("aupro", "AUPRO", AUPRO_DEFINITION),
-    Metric("pixel_ap", "pixel AP", "average precision over every pixel of every image"),
     Metric("image_f1_max", "image F1-max", "best F1 of the image scores over every threshold on this split (a "
            "figure to report; the thresholds applied to new images come from the validation split)"),
+    Metric("pixel_auroc", "pixel AUROC", "every pixel of every image, good images included"),
+    Metric("pixel_ap", "pixel AP", "average precision over every pixel of every image"),
     Metric("pixel_f1_max", "pixel F1-max", "best F1 over every threshold, every pixel of every image pooled"),
+    Metric("aupro", "AUPRO", AUPRO_DEFINITION),
     Metric("aupro_per_image", "per-image variant", "a PRO variant, not the reference: AUPRO of each defective "
            "image alone, averaged over them (ignores false positives on good images)"),
     Metric("aupro_linear_200", "200-threshold variant", "a PRO variant, not the reference: PRO at 200 linearly "
            f"spaced thresholds, FPRs rescaled by the largest one kept under {FPR_LIMIT}"),
 )
-"""Every metric :func:`dmdd_core.infer.evaluate` computes, in table order; the two variants only with
-``pro_variants=True``."""
+"""Every metric :func:`dmdd_core.infer.evaluate` computes, in the order it computes them; the two variants only
+with ``pro_variants=True``. Tables choose their own columns (:data:`MAIN_METRICS`)."""
 
 BY_KEY = {m.key: m for m in METRICS}
 MAIN_METRICS: tuple[str, ...] = ("image_auroc", "pixel_auroc", "aupro", "pixel_ap", "image_f1_max", "pixel_f1_max")

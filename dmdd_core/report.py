@@ -12,8 +12,7 @@ import numpy as np
 from .benchmark import run_benchmark
 from .config import DMDDConfig
 from .data import DataSource
-from .protocol import CHECKPOINT_RULE
-from .runner import RESULTS_DIR, load_result, markdown_table, write_text_files
+from .runner import RESULTS_DIR, load_result, markdown_table, metadata_lines, run_metadata, write_text_files
 
 KEYS = ("image_auroc", "pixel_auroc")
 
@@ -49,11 +48,7 @@ def quickstart(cfg: DMDDConfig, root: Path | DataSource, categories: Sequence[st
     records = [load_result(out / RESULTS_DIR / f"{c}__seed{cfg.seed}.json") for c in categories]
     found = [r for r in records if r is not None]
     table = quickstart_table([r["evaluation"] for r in found], [r["validation"] for r in found])
-    first = found[0]
-    meta = (f"DMDD, {cfg.preset_name} preset, teacher {first['teacher']['name']} ({first['teacher']['source']}); "
-            f"test split and val split ({cfg.val_fraction:.0%} of the training images held out, synthetic "
-            f"anomalies) at {cfg.image_size}x{cfg.image_size}; seed {cfg.seed}; checkpoint rule: {CHECKPOINT_RULE}; "
-            f"device {first['device']}, precision {first['precision']}")
+    meta = "\n".join(metadata_lines(run_metadata(found)))
     print("\n" + table + "\n\n" + meta)
     write_text_files(out, {"quickstart.md": f"# Quickstart results\n\n{table}\n\n{meta}\n"})
     print(f"\nresults and figures in {out}/ (quickstart.md; the full tables in results.md)")

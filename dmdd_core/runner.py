@@ -31,7 +31,7 @@ import torch
 
 from .config import DMDDConfig
 from .data import DataSource
-from .protocol import FPR_LIMIT, RESOLUTIONS
+from .protocol import AUPRO_DEFINITION, CHECKPOINT_RULE, FPR_LIMIT, RESOLUTIONS, THRESHOLD_RULE
 from .train import RESUMABLE_DIFFERENCES, atomic_write_text, config_differences
 
 RESULTS_DIR = "results"
@@ -273,6 +273,40 @@ def run_jobs(jobs: Sequence[Job], source: DataSource, *, resolution: str = "inpu
               f"{100 * m['pixel_auroc']:.2f}, AUPRO {100 * m['aupro']:.2f} ({spent[-1]:.0f} s; about {left:.0f} "
               "min left)", flush=True)
     return records
+
+
+# --- reports ----------------------------------------------------------------------------------------------------
+def run_metadata(records: Sequence[dict[str, Any]]) -> dict[str, str]:
+    """What every report states about the runs behind its numbers, one entry per line: the data, the setting,
+    where the metrics were computed, the seeds, the checkpoint and threshold rules, the PRO definition, the
+    hardware, the time and the versions. ``records``: task records of one setting (:func:`run_task`)."""
+    first, seeds = records[0], sorted({r["seed"] for r in records})
+    ev, cfg = first["evaluation"], first["config"]
+    data, categories = ev.get("data", {}), sorted({r["category"] for r in records})
+    ranks = max(r.get("world_size", 1) for r in records)
+    wall = sum(r["train_seconds"] + r["eval_seconds"] for r in records)
+    return {
+        "dataset": f"{data.get('kind', '?')} at `{data.get('root', '?')}`, {len(categories)} categories "
+                   f"({', '.join(categories)}), test split",
+        "preset": f"{first['preset']}; teacher {first['teacher']['name']} ({first['teacher']['source']}); input "
+                  f"{cfg['image_size']}x{cfg['image_size']}; {cfg['stage1_steps']} + {cfg['stage2_steps']} steps, "
+                  f"batch {cfg['batch_size']}",
+        "metrics computed at": ev.get("metric_resolution", "?"),
+        "seeds": ", ".join(map(str, seeds)) + (" (mean ± sample std over seeds)" if len(seeds) > 1 else ""),
+        "checkpoint rule": CHECKPOINT_RULE,
+        "validation split": f"{cfg['val_fraction']:.0%} of the training images held out, with synthetic anomalies; "
+                            f"thresholds: {THRESHOLD_RULE}",
+        "PRO": AUPRO_DEFINITION,
+        "device": "; ".join(sorted({r["device"] for r in records})) + (f"; {ranks} ranks" if ranks > 1 else ""),
+        "precision": "; ".join(sorted({r.get("precision", "unrecorded") for r in records})),
+        "wall time": f"{wall / 60:.1f} min in all (train + evaluate, summed over tasks and ranks)",
+        "versions": ", ".join(f"{k} {v}" for k, v in first["versions"].items()),
+    }
+
+
+def metadata_lines(meta: dict[str, str]) -> list[str]:
+    """A report's metadata as Markdown list lines, "- key: value"."""
+    return [f"- {key}: {value}" for key, value in meta.items()]
 
 
 # --- tables -----------------------------------------------------------------------------------------------------

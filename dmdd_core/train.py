@@ -127,7 +127,9 @@ def build_optimizers(model: DMDD, cfg: DMDDConfig) -> tuple[torch.optim.SGD, tor
 
 
 def distillation_step(model: DMDD, batch: TrainPair, cfg: DMDDConfig) -> dict[str, Tensor]:
-    """Stage-1 losses for one batch: NGM on the normality branch, AIM on the abnormality branch."""
+    """Stage-1 losses for one batch: NGM on the normality branch, AIM on the abnormality branch. Without
+    decoupling the plain student's features take the normality branch's place (NGM is then DeSTSeg's denoising
+    loss) and there is no AIM."""
     teacher_orig = model.teacher_features(batch.original)
     normality, abnormality = model.student_features(batch.augmented)
     losses = {"ngm": ngm_loss(normality, teacher_orig, batch.mask, cfg.ngm_region)}

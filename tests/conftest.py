@@ -137,3 +137,15 @@ def smoke_run(builtin_root: Path, tmp_path_factory: pytest.TempPathFactory):
 
     cfg = DMDDConfig.preset("smoke", teacher="tf_efficientnet_lite0")
     return fit(cfg, builtin_root, "brick", tmp_path_factory.mktemp("smoke_run"), progress=False)
+
+
+@pytest.fixture(scope="session")
+def tutorial_run(builtin_root: Path):
+    """The tutorial's model (:func:`~dmdd_core.config.tutorial_config`: in fast mode the fast preset at 100 + 60
+    steps of batch 4) on the built-in brick, trained once per session into ``$DMDD_RUNS``, where the notebooks
+    that only need *a* trained model load it instead of training their own."""
+    from dmdd_core.config import runs_dir, tutorial_config, tutorial_run_name
+    from dmdd_core.fit import fit
+
+    cfg = tutorial_config()
+    return fit(cfg, builtin_root, "brick", runs_dir("tutorial", tutorial_run_name(cfg, "brick")), progress=False)

@@ -18,9 +18,9 @@ from dmdd_core.data import (
     BUILTIN_CATEGORIES,
     DEFECT_TYPES,
     CategoryData,
+    Sample,
     SyntheticPairs,
     TestDataset,
-    TestSample,
     TrainPair,
     default_data_root,
     ensure_builtin_dataset,
@@ -110,7 +110,7 @@ def test_test_dataset_pairs_images_labels_and_masks(tmp_path: Path) -> None:
     assert [s.label for s in samples] == [1, 1, 1, 0, 0, 1]
     assert [s.defect_type for s in samples] == ["crack", "crack", "crack", "good", "good", "hole"]
     for sample in samples:
-        assert isinstance(sample, TestSample) and sample.category == "alpha"
+        assert isinstance(sample, Sample) and sample.category == "alpha"
         assert sample.image.shape == (3, 32, 32) and sample.mask.shape == (1, 32, 32)
         if sample.label == 0:
             assert sample.mask.sum() == 0
@@ -119,7 +119,7 @@ def test_test_dataset_pairs_images_labels_and_masks(tmp_path: Path) -> None:
             outside = sample.image[:, sample.mask[0] == 0].mean()
             assert inside > 0.9 and outside < 0.7
     batch = next(iter(DataLoader(dataset, batch_size=6)))
-    assert isinstance(batch, TestSample)
+    assert isinstance(batch, Sample)
     assert batch.image.shape == (6, 3, 32, 32) and torch.as_tensor(batch.label).tolist() == [1, 1, 1, 0, 0, 1]
     assert batch.defect_type[3] == "good" and batch.path[0].endswith("000.png")
 

@@ -18,9 +18,10 @@ from PIL import Image
 from dmdd_core.cli import main
 from dmdd_core.config import DMDDConfig
 from dmdd_core.data import load_image
-from dmdd_core.fit import TrainResult, fit
+from dmdd_core.fit import TrainResult
 from dmdd_core.infer import METRIC_KEYS, evaluate, predict_folder
 from dmdd_core.metrics import image_auroc, pixel_auroc
+from dmdd_core.protocol import AUPRO_DEFINITION, CHECKPOINT_RULE
 from dmdd_core.train import load_checkpoint
 
 CATEGORY = "brick"
@@ -148,7 +149,8 @@ def test_evaluate_reports_metrics_with_their_setting(smoke_run: TrainResult, bui
     assert preds.maps.shape[1:] == (64, 64) and preds.maps.dtype == np.float32
     assert result.metrics["image_auroc"] == pytest.approx(image_auroc(preds.labels, preds.scores))
     record = json.loads(json.dumps(result.to_dict()))
-    assert record["resolution"] == 64 and record["checkpoint_rule"] == "last step"
+    assert record["resolution"] == 64 and record["checkpoint_rule"] == CHECKPOINT_RULE
+    assert record["aupro_definition"] == AUPRO_DEFINITION and set(record["metric_keys"]) == set(METRIC_KEYS)
     assert record["dmdd"] == result.metrics and record["naive_baseline"] == result.baseline
 
 
@@ -259,23 +261,22 @@ def test_cli_missing_checkpoint_returns_an_error(tmp_path: Path, capsys: pytest.
     assert "nothing_here" in capsys.readouterr().err
 
 
-# --- the fast preset reaches its quality bar ----------------------------------------------------------------------
-@pytest.mark.slow
+# --- the tutorial's model reaches its quality bar -------------------------------------------------------------------
 @pytest.mark.filterwarnings("ignore:teacher='auto'")
-def test_fast_preset_detects_brick_defects(builtin_root: Path, tmp_path_factory: pytest.TempPathFactory) -> None:
-    cache = os.environ.get("DMDD_TEST_CACHE")
-    out = (Path(cache) if cache else tmp_path_factory.mktemp("cache")) / "fast_brick"
-    cfg = DMDDConfig.preset("fast")
-    assert cfg.teacher == "auto"
-    result = fit(cfg, builtin_root, CATEGORY, out, progress=False)
-    assert result.resumed_from in (0, cfg.total_steps)
-    assert result.model.teacher.name == "tf_efficientnet_lite0"
+def test_the_tutorial_model_detects_brick_defects(tutorial_run: TrainResult, builtin_root: Path) -> None:
+    """The model the notebooks study (in fast mode the fast preset at 100 + 60 steps of batch 4) has learned
+    something real: far above the naive baseline on the built-in brick's test split. The full fast preset's
+    figures are the quickstart's (README)."""
+    result = tutorial_run
+    assert result.model.cfg.teacher == "auto" and result.model.teacher.name == "tf_efficientnet_lite0"
     evaluation = evaluate(result.model, builtin_root, CATEGORY, progress=False)
-    # Trained on 54 images (6 held out for validation), seeds 0, 1, 2 gave image AUROC 0.896, 0.922, 0.873 and
-    # pixel AUROC 0.945, 0.973, 0.969; the naive baseline gets 0.458 and 0.565. The bars sit below that spread.
-    assert evaluation.metrics["image_auroc"] >= 0.85, evaluation.summary()
-    assert evaluation.metrics["pixel_auroc"] >= 0.93, evaluation.summary()
-    assert evaluation.metrics["image_auroc"] - evaluation.baseline["image_auroc"] >= 0.3, evaluation.summary()
+    # Seed 0 on two CPU cores gave image AUROC 0.817, pixel AUROC 0.872, AUPRO 0.769; the naive baseline gets
+    # 0.458, 0.565 and 0.184, and 60 + 30 steps of batch 8 (a model that learned little) 0.490, 0.723, 0.330.
+    # The bars leave room for other CPUs' arithmetic.
+    assert evaluation.metrics["image_auroc"] >= 0.70, evaluation.summary()
+    assert evaluation.metrics["pixel_auroc"] >= 0.80, evaluation.summary()
+    assert evaluation.metrics["aupro"] >= 0.60, evaluation.summary()
+    assert evaluation.metrics["image_auroc"] - evaluation.baseline["image_auroc"] >= 0.2, evaluation.summary()
 
 
 def test_cli_quickstart_writes_results_for_every_category(builtin_root: Path, tmp_path: Path) -> None:
