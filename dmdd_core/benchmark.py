@@ -11,7 +11,7 @@ Output folder::
 
     runs/<category>/seed<k>/    checkpoint.pt, log.json           (training, resumable)
     results/<category>__seed<k>.json                              (one per finished task)
-    figures/                    <category>_seed<k>_examples.png (best and worst test images), _losses.png, curves.png
+    figures/                    <category>_seed<k>_examples.png (best and worst test images), curves.png
     results.md, results.csv, results_per_seed.csv, results.json   (merged)
 
 Numbers are in percent, like the papers'. Every table states the resolution the metrics were computed at, the

@@ -279,12 +279,13 @@ PRESETS: dict[str, dict[str, Any]] = {
         aspp_rates=(3, 6, 9),
         checkpoint_every=50,
     ),
-    # A handful of steps: checks that everything runs. [ours]
+    # A handful of steps and a narrow segmentation network: checks that everything runs. [ours]
     "smoke": dict(
         image_size=64,
         stage1_steps=2,
         stage2_steps=2,
         batch_size=2,
+        seg_channels=64,
         checkpoint_every=2,
     ),
     # DeSTSeg's architecture and losses: every DMDD switch off. [DeSTSeg]

@@ -38,10 +38,28 @@ def quickstart_table(evaluations: Sequence[Mapping[str, Any]],
     return "\n".join(markdown_table(["category", *head], rows))
 
 
+def _loss_figures(out: Path, categories: Sequence[str], seed: int) -> None:
+    """``figures/<category>_seed<k>_losses.png``: each run's training losses, from its log."""
+    import json
+
+    import matplotlib.pyplot as plt
+
+    from .plots import loss_curves, save_figure
+    from .runner import FIGURES_DIR, RUNS_DIR
+    from .train import LOG_NAME
+
+    for category in categories:
+        log = json.loads((out / RUNS_DIR / category / f"seed{seed}" / LOG_NAME).read_text())["log"]
+        fig = loss_curves(log, category)
+        save_figure(fig, f"{category}_seed{seed}_losses", out / FIGURES_DIR)
+        plt.close(fig)
+
+
 def quickstart(cfg: DMDDConfig, root: Path | DataSource, categories: Sequence[str], out: Path, *,
                skip_bad: bool = False, resume: bool = True, progress: bool | None = None) -> list[dict[str, Any]]:
     """Train (or load, when finished before) and evaluate each category with ``cfg.seed``: the benchmark's
-    result files, tables and figures under ``out``, and ``quickstart.md`` with the short table, printed.
+    result files, tables and figures under ``out``, each run's loss curves, and ``quickstart.md`` with the short
+    table, printed.
     Returns the task records."""
     run_benchmark(cfg, root, out, categories=categories, seeds=(cfg.seed,), pro_variants=False, resume=resume,
                   skip_bad=skip_bad, progress=progress, show=False)
@@ -49,6 +67,7 @@ def quickstart(cfg: DMDDConfig, root: Path | DataSource, categories: Sequence[st
     found = [r for r in records if r is not None]
     table = quickstart_table([r["evaluation"] for r in found], [r["validation"] for r in found])
     meta = "\n".join(metadata_lines(run_metadata(found)))
+    _loss_figures(out, categories, cfg.seed)
     print("\n" + table + "\n\n" + meta)
     write_text_files(out, {"quickstart.md": f"# Quickstart results\n\n{table}\n\n{meta}\n"})
     print(f"\nresults and figures in {out}/ (quickstart.md; the full tables in results.md)")

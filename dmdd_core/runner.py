@@ -6,7 +6,7 @@ checkpoint, and prints each result with the time left. Each finished task leaves
 
     <folder>/runs/<category>/seed<k>/   checkpoint.pt, log.json, wall_time.json   (training, resumable)
     <folder>/results/<category>__seed<k>.json                                      (the record)
-    <folder>/figures/<category>_seed<k>_examples.png, <category>_seed<k>_losses.png
+    <folder>/figures/<category>_seed<k>_examples.png                               (best and worst test images)
 
 The table helpers (:func:`stat_text`, :func:`markdown_table`, :func:`csv_text`, :func:`write_text_files`) and the
 metadata (:func:`versions`, :func:`describe_device`) are shared by every report.
@@ -208,7 +208,7 @@ def run_task(job: Job, source: DataSource, *, teacher: Any = None, resolution: s
     import matplotlib.pyplot as plt
 
     from .infer import evaluate
-    from .plots import example_figure, loss_curves, save_figure
+    from .plots import example_figure, save_figure
     from .train import select_device
 
     task = job.task
@@ -220,10 +220,9 @@ def run_task(job: Job, source: DataSource, *, teacher: Any = None, resolution: s
     eval_seconds = time.perf_counter() - started
     thresholds = result.validation.get("thresholds") or {}
     stem = f"{task.category}_seed{task.seed}"
-    for name, fig in (("examples", example_figure(ev, pixel_threshold=thresholds.get("pixel"))),
-                      ("losses", loss_curves(result.log, task.category))):
-        save_figure(fig, f"{stem}_{name}", job.folder / FIGURES_DIR)
-        plt.close(fig)
+    fig = example_figure(ev, pixel_threshold=thresholds.get("pixel"))
+    save_figure(fig, f"{stem}_examples", job.folder / FIGURES_DIR)
+    plt.close(fig)
     history = result.validation.get("history", [])
     record = {
         "category": task.category, "seed": task.seed, "config": job.cfg.to_dict(), "preset": job.cfg.preset_name,
@@ -297,7 +296,7 @@ def run_metadata(records: Sequence[dict[str, Any]]) -> dict[str, str]:
         "validation split": f"{cfg['val_fraction']:.0%} of the training images held out, with synthetic anomalies; "
                             f"thresholds: {THRESHOLD_RULE}",
         "PRO": AUPRO_DEFINITION,
-        "device": "; ".join(sorted({r["device"] for r in records})) + (f"; {ranks} ranks" if ranks > 1 else ""),
+        "device": "; ".join(sorted({r["device"] for r in records})) + f"; ranks: {ranks}",
         "precision": "; ".join(sorted({r.get("precision", "unrecorded") for r in records})),
         "wall time": f"{wall / 60:.1f} min in all (train + evaluate, summed over tasks and ranks)",
         "versions": ", ".join(f"{k} {v}" for k, v in first["versions"].items()),
