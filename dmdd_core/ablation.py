@@ -150,7 +150,7 @@ def run_ablation(
     jobs = [Job(Task(c, seed), configs[v.name].replace(seed=seed), out / v.name, f"seed {seed} {v.label} ({c})")
             for seed in seeds for v in chosen for c in cats]
     run_jobs(jobs, source, pro_variants=False, resume=resume, progress=progress,
-             what=f"{len(chosen)} variants x {len(cats)} categories x {len(seeds)} seeds")
+             what=f"ablation: {len(jobs)} tasks ({len(chosen)} variants x {len(cats)} categories x {len(seeds)} seeds)")
     return write_ablation(out, chosen, cats, seeds, show=show)
 
 
@@ -237,9 +237,9 @@ def _delta(diff: Mapping[str, Any] | None) -> str:
 
 def ablation_markdown(rows: Sequence[Mapping[str, Any]], meta: Mapping[str, Any]) -> str:
     """The two tables (paper form, our choices) with their metadata."""
-    lines = [f"# Ablation: {meta.get('data', '')}, {meta.get('preset', '')} preset", ""]
+    lines = [f"# Ablation: {meta.get('data', '')}, {meta.get('preset_name', '')} preset", ""]
     for key, value in meta.items():
-        if key not in ("data", "preset"):
+        if key not in ("data", "preset_name"):
             lines.append(f"- {key}: {value}")
     lines.append("")
     tick = {True: "✓", False: ""}
@@ -318,8 +318,8 @@ def write_ablation(out: str | Path, variants: Sequence[Variant], categories: Seq
     if not any(r["seeds"] for r in rows):
         raise FileNotFoundError(f"no finished ablation tasks under {out}")
     records = _records(out, variants, categories, seeds)
-    meta = {"data": str(records[0]["evaluation"].get("data", {}).get("kind", "?")), "preset": records[0]["preset"],
-            **run_metadata(records),
+    title = {"data": str(records[0]["evaluation"].get("data", {}).get("kind", "?")), "preset_name": records[0]["preset"]}
+    meta = {**title, **run_metadata(records),
             "seeds": ", ".join(map(str, seeds)) + " (table rows use the seeds finished for every category)"}
     text = ablation_markdown(rows, meta)
     write_text_files(out, {"ablation.md": text, "ablation.csv": _csv(rows),

@@ -104,7 +104,7 @@ def run_benchmark(
     cfg = cfg.replace(device=rank.device(cfg.device))
     tasks = make_tasks(list(categories or source.categories()), list(seeds))
     jobs = [Job(t, cfg.replace(seed=t.seed), out, f"{t.category} seed {t.seed}") for t in rank.shard(tasks)]
-    what = f"{len(tasks) // len(seeds)} categories x {len(seeds)} seeds; this process: {len(jobs)}"
+    what = f"{len(tasks)} tasks ({len(tasks) // len(seeds)} categories x {len(seeds)} seeds)"
     run_jobs(jobs, source, resolution=resolution, pro_variants=pro_variants, resume=resume, skip_bad=skip_bad,
              rank=rank, progress=progress, what=what)
     missing = [t for t in tasks if load_result(out / RESULTS_DIR / f"{t.key}.json") is None]
@@ -189,7 +189,8 @@ def markdown_report(records: Sequence[dict[str, Any]], total: int | None = None)
     variants = [k for k in PRO_VARIANTS if all(k in r["evaluation"]["dmdd"] for r in records)]
     if len(variants) > 1:
         out += ["## The PRO variants on the same maps (percent)", ""]
-        out += markdown_table(["category", *map(label, variants)], _metric_rows(summarise(records, variants), variants, n_seeds))
+        heads = ["reference AUPRO" if k == "aupro" else label(k) for k in variants]
+        out += markdown_table(["category", *heads], _metric_rows(summarise(records, variants), variants, n_seeds))
         out += [""]
 
     base = summarise(records, HEADLINE_METRICS, which="naive_baseline")

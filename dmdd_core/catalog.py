@@ -4,8 +4,10 @@ Rotation policy (METHOD.md section 1): before synthesis, a normal training image
 policy, "none", "small" (+-5 deg) or "right_angle_small" (a random multiple of 90 deg, then +-5 deg).
 MVTec AD's policies are DeSTSeg's [DeSTSeg]; MPDD, VisA, the built-in textures and data of one's own are
 choices of ours [ours]. A policy belongs to a dataset, not to a category name: the data source knows which dataset
-it holds (:meth:`dmdd_core.data.DataSource.rotation_policy`), so a folder of one's own named ``grid`` is not
-rotated like MVTec AD's grid. Validation and test images are never rotated.
+it holds (:meth:`dmdd_core.data.DataSource.rotation_policy`). A source detected as MVTec AD, or named so with
+``--dataset mvtec``, rotates like MVTec AD; data of one's own (a single folder, or a root whose categories are not
+all one dataset's) is not rotated, so a folder named ``grid`` is not rotated like MVTec AD's grid. The policy a run
+trained with is in its checkpoint. Validation and test images are never rotated.
 """
 
 from __future__ import annotations

@@ -58,10 +58,12 @@ def validate(model: DMDD, val: ValidationDataset, step: int) -> dict[str, float]
     }
 
 
-def run_meta(category: str, data: CategoryData, cfg: DMDDConfig) -> dict[str, Any]:
-    """What a checkpoint records about its data: the category, the source, the split and the skipped files."""
+def run_meta(category: str, data: CategoryData, cfg: DMDDConfig, rotation: str) -> dict[str, Any]:
+    """What a checkpoint records about its data: the category, the source, the rotation policy of the synthesis,
+    the split and the skipped files."""
     return {
         "category": category,
+        "rotation": rotation,
         "data_root": str(data.source.root),
         "data": data.source.describe(),
         "split": {"val_fraction": cfg.val_fraction, "val_seed": cfg.val_seed,
@@ -97,7 +99,7 @@ def fit(
     textures = default_textures(category, cfg)
     pairs = SyntheticPairs.from_config(data, category, cfg, textures, device=device)
     val = ValidationDataset.from_config(data, cfg, textures) if data.val_paths else None
-    fields = {"meta": run_meta(category, data, cfg), "validation": {"history": [], "num_images": len(data.val_paths)}}
+    fields = {"meta": run_meta(category, data, cfg, pairs.rotation), "validation": {"history": [], "num_images": len(data.val_paths)}}
     if resume and (out / CHECKPOINT_NAME).is_file():
         state = RunState.restore(out / CHECKPOINT_NAME, cfg, device, **fields)
     else:
@@ -144,6 +146,7 @@ def _train(state: RunState, pairs: SyntheticPairs, stop: int, out: Path, val: Va
                                    on_checkpoint=on_checkpoint, stop_requested=lambda: stop_request.requested),
                 step=lambda: state.step,
                 save=lambda: state.save(out),
+                checkpoint=out / CHECKPOINT_NAME,
             )
         finally:
             bar.close()

@@ -51,11 +51,11 @@ class StopRequest:
             signal.signal(number, handler)
         self._previous.clear()
 
-    def run(self, loop: Callable[[], bool], step: Callable[[], int], save: Callable[[], Path]) -> None:
+    def run(self, loop: Callable[[], bool], step: Callable[[], int], save: Callable[[], Path], checkpoint: Path) -> None:
         """Run ``loop`` (True when it finished, False when it saved and returned on :attr:`requested`) and turn
         every way it can stop into a saved checkpoint and a KeyboardInterrupt:
 
-        - a stop request: the loop saved after its step; say so and raise;
+        - a stop request: the loop saved ``checkpoint`` after its step; say so and raise;
         - a second signal: the running step may be half done, so the last checkpoint stays as it is;
         - a KeyboardInterrupt raised by code between steps (or where signals cannot be caught): save what is done.
         """
@@ -71,5 +71,6 @@ class StopRequest:
                       file=sys.stderr)
             raise
         if not finished:
-            print(f"\nstopped after step {step()}; checkpoint saved; run again to resume", file=sys.stderr)
+            print(f"\nstopped after step {step()}; checkpoint saved to {checkpoint}; run again to resume",
+                  file=sys.stderr)
             raise KeyboardInterrupt

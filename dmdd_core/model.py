@@ -221,12 +221,14 @@ def segmentation_input(teacher: list[Tensor], branches: list[list[Tensor]]) -> T
     return torch.cat(parts, dim=1)
 
 
-def segmentation_tail(channels: int, rates: tuple[int, ...], *middle: nn.Module) -> nn.Sequential:
-    """ASPP (rates + pooling), then ``middle`` (spatial attention in the multi-perception network), then 3x3
-    conv-BN-ReLU and a 1x1 conv to one logit: the part both segmentation networks share. [DeSTSeg]"""
+def segmentation_tail(channels: int, rates: tuple[int, ...], *middle: type[nn.Module]) -> nn.Sequential:
+    """ASPP (rates + pooling), then the ``middle`` modules (spatial attention in the multi-perception network),
+    then 3x3 conv-BN-ReLU and a 1x1 conv to one logit: the part both segmentation networks share. [DeSTSeg]
+    The modules are built in their order in the network, so a seed gives the same weights as writing it out."""
+    aspp = ASPP(channels, list(rates), channels)
     return nn.Sequential(
-        ASPP(channels, list(rates), channels),
-        *middle,
+        aspp,
+        *(module() for module in middle),
         nn.Conv2d(channels, channels, 3, padding=1, bias=False),
         nn.BatchNorm2d(channels),
         nn.ReLU(inplace=True),
@@ -286,7 +288,7 @@ class MultiPerceptionSegNet(nn.Module):
     def __init__(self, in_channels: int, channels: int = 256, rates: tuple[int, ...] = (6, 12, 18)) -> None:
         super().__init__()
         self.body = nn.Sequential(ChannelAttention(in_channels), residual_stage(in_channels, channels))
-        self.head = segmentation_tail(channels, rates, SpatialAttention())
+        self.head = segmentation_tail(channels, rates, SpatialAttention)
 
     def forward(self, x: Tensor) -> Tensor:
         """(B,2*sum C,h,w) -> logits (B,1,h,w)."""

@@ -106,7 +106,7 @@ def curve_panels(
 
 
 def loss_curves(log: Sequence[dict[str, float]], title: str = "") -> plt.Figure:
-    """Training losses per step, one panel per stage (log entries of :func:`dmdd_core.train.train`)."""
+    """Training losses per step, one panel per stage (log entries of :func:`dmdd_core.fit.fit`)."""
     fig, axes = figure(1, 2, size=(8, 2.8))
     for ax, stage, keys in ((axes[0, 0], 1, ("loss", "ngm", "aim")), (axes[0, 1], 2, ("loss", "focal", "l1"))):
         entries = [e for e in log if e["stage"] == stage]

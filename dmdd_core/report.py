@@ -12,7 +12,7 @@ import numpy as np
 from .benchmark import run_benchmark
 from .config import DMDDConfig
 from .data import DataSource
-from .runner import RESULTS_DIR, load_result, markdown_table, metadata_lines, run_metadata, write_text_files
+from .runner import RESULTS_DIR, Rank, load_result, markdown_table, metadata_lines, run_metadata, write_text_files
 
 KEYS = ("image_auroc", "pixel_auroc")
 
@@ -62,11 +62,12 @@ def quickstart(cfg: DMDDConfig, root: Path | DataSource, categories: Sequence[st
     table, printed.
     Returns the task records."""
     run_benchmark(cfg, root, out, categories=categories, seeds=(cfg.seed,), pro_variants=False, resume=resume,
-                  skip_bad=skip_bad, progress=progress, show=False)
+                  skip_bad=skip_bad, rank=Rank(), progress=progress, show=False)
     records = [load_result(out / RESULTS_DIR / f"{c}__seed{cfg.seed}.json") for c in categories]
     found = [r for r in records if r is not None]
     table = quickstart_table([r["evaluation"] for r in found], [r["validation"] for r in found])
-    meta = "\n".join(metadata_lines(run_metadata(found)))
+    skipped = sum(r["evaluation"].get("input", {}).get("num_skipped", 0) for r in found)
+    meta = "\n".join(metadata_lines({**run_metadata(found), "bad files skipped": str(skipped)}))
     _loss_figures(out, categories, cfg.seed)
     print("\n" + table + "\n\n" + meta)
     write_text_files(out, {"quickstart.md": f"# Quickstart results\n\n{table}\n\n{meta}\n"})

@@ -192,13 +192,19 @@ def _timed_fit(job: Job, source: DataSource, **kwargs: Any) -> tuple[Any, float]
     timing_path = job.run_dir / "wall_time.json"
     spent = (load_result(timing_path) or {}).get("train_seconds", 0.0) if kwargs.get("resume", True) else 0.0
     started = time.perf_counter()
-    try:
-        result = fit(job.cfg, source, job.task.category, job.run_dir, **kwargs)
-    finally:
+
+    def record() -> float:
         seconds = spent + time.perf_counter() - started
         job.run_dir.mkdir(parents=True, exist_ok=True)
         atomic_write_text(json.dumps({"train_seconds": seconds}), timing_path)
-    return result, seconds
+        return seconds
+
+    try:
+        result = fit(job.cfg, source, job.task.category, job.run_dir, **kwargs)
+    except KeyboardInterrupt:
+        record()
+        raise
+    return result, record()
 
 
 def run_task(job: Job, source: DataSource, *, teacher: Any = None, resolution: str = "input",
@@ -246,7 +252,7 @@ def run_jobs(jobs: Sequence[Job], source: DataSource, *, resolution: str = "inpu
              what: str = "") -> list[dict[str, Any]]:
     """Run every job not finished before (with the same settings), one teacher shared by all; print one line
     per finished task with the time left; return the records of the jobs run now. ``what`` describes the whole
-    set in the first line (e.g. "3 categories x 2 seeds")."""
+    set (of every rank) in the first line, e.g. "6 tasks (3 categories x 2 seeds)"."""
     from .model import build_teacher
 
     if resolution not in RESOLUTIONS:
@@ -257,8 +263,7 @@ def run_jobs(jobs: Sequence[Job], source: DataSource, *, resolution: str = "inpu
             print(f"{rank.tag}{job.label}: done before, skipped ({job.result_path})", flush=True)
         else:
             todo.append(job)
-    print(f"{rank.tag}{len(jobs)} tasks{f' ({what})' if what else ''}, {len(jobs) - len(todo)} done before",
-          flush=True)
+    print(f"{rank.tag}{what or 'tasks'}; this process: {len(jobs)}, {len(jobs) - len(todo)} done before", flush=True)
     teacher = build_teacher(todo[0].cfg) if todo else None
     records, spent = [], []
     for i, job in enumerate(todo, 1):
@@ -332,7 +337,7 @@ def markdown_table(head: Sequence[str], rows: Sequence[Sequence[str]], align: Se
 
 def csv_text(fields: Sequence[str], rows: Sequence[dict[str, Any]]) -> str:
     buffer = io.StringIO()
-    writer = csv.DictWriter(buffer, fieldnames=list(fields), lineterminator="\n")
+    writer = csv.DictWriter(buffer, fieldnames=list(fields))
     writer.writeheader()
     writer.writerows(rows)
     return buffer.getvalue()

@@ -299,6 +299,10 @@ class RunState:
                 "uninterrupted run of either version would see. Pass resume=False (--no-resume) to start over.",
                 stacklevel=3,
             )
+        before, now = saved.get("rotation"), fields.get("meta", {}).get("rotation")
+        if before is not None and now is not None and before != now:
+            warnings.warn(f"{path} trained with the rotation policy {before!r}; its data source now gives {now!r}, so "
+                          f"the batches after step {saved['step']} differ from an uninterrupted run's", stacklevel=3)
         model = model_from_state(saved)
         model.cfg = cfg
         opt_student, opt_seg = build_optimizers(model, cfg)
@@ -408,10 +412,11 @@ def train_loop(
         state.log.append(entry)
         on_step(entry)
         scheduled = state.step % cfg.checkpoint_every == 0 or state.step in (stop, cfg.stage1_steps)
-        stopping = stop_requested() and state.step < stop
-        if scheduled or stopping:
-            on_checkpoint(state, scheduled)
-        if stopping:
+        if scheduled:
+            on_checkpoint(state, True)
+        if stop_requested() and state.step < stop:  # asked during this step or its checkpoint
+            if not scheduled:
+                on_checkpoint(state, False)
             return False
         step_started = time.perf_counter()  # the next batch's synthesis starts now
     return state.step >= stop

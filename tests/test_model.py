@@ -265,7 +265,7 @@ def test_all_switches_off_is_destseg(resnet18_teacher: Teacher) -> None:
     ref_student, ref_seg = destseg_reference()
     for cfg in (
         DMDDConfig.preset("destseg", teacher_pretrained=False),
-        DMDDConfig.preset("smoke", decouple=False, aim=False, msn=False, teacher_pretrained=False),
+        DMDDConfig.preset("smoke", decouple=False, aim=False, msn=False, seg_channels=256, teacher_pretrained=False),
     ):
         model = DMDD(cfg, teacher=resnet18_teacher)
         assert count(model.student) == count(ref_student)
@@ -319,3 +319,16 @@ def test_a_state_dict_from_before_the_plain_student_was_renamed_still_loads() ->
     model = DMDD(cfg)
     model.load_state_dict(old)  # strict: no key missing, none unexpected
     assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), saved.values()))
+
+
+def test_the_segmentation_tail_builds_its_modules_in_network_order() -> None:
+    """A seed gives the weights of the network written out module by module: ASPP first, then the middle
+    (spatial attention), then the 3x3 conv, so runs started before the tail was shared start the same."""
+    from dmdd_core.model import SpatialAttention, segmentation_tail
+
+    torch.manual_seed(0)
+    tail = segmentation_tail(32, (2, 4, 6), SpatialAttention)
+    torch.manual_seed(0)
+    written_out = [ASPP(32, [2, 4, 6], 32), SpatialAttention(), nn.Conv2d(32, 32, 3, padding=1, bias=False)]
+    for built, expected in zip(tail, written_out):
+        assert all(torch.equal(a, b) for a, b in zip(built.state_dict().values(), expected.state_dict().values()))

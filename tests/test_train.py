@@ -424,3 +424,17 @@ def test_a_checkpoint_from_before_precisions_and_batched_synthesis_resumes_with_
     assert resumed.resumed_from == 1 and resumed.precision == "fp32"
     state = torch.load(path, weights_only=True)
     assert [s["start_step"] for s in state["sessions"]] == [0, 1] and state["synthesis_version"] == 2
+
+
+def test_resuming_with_another_rotation_policy_warns(builtin_root: Path, tmp_path: Path) -> None:
+    """The rotation policy comes from the data source; a run resumed where the source gives another one (data
+    reopened as one's own, say) trains on other batches than it would have, and says so."""
+    cfg = random_teacher_smoke()
+    fit(cfg, builtin_root, CATEGORY, tmp_path, stop_at_step=1, progress=False)
+    path = tmp_path / CHECKPOINT_NAME
+    state = torch.load(path, weights_only=True)
+    assert state["rotation"] == "right_angle_small"  # the built-in dataset's textures turn freely
+    state["rotation"] = "none"
+    torch.save(state, path)
+    with pytest.warns(UserWarning, match="rotation policy 'none'"):
+        fit(cfg, builtin_root, CATEGORY, tmp_path, progress=False)
