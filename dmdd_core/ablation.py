@@ -47,6 +47,7 @@ from .runner import (
     RUNS_DIR,
     Job,
     Task,
+    count,
     load_result,
     mean_std,
     run_jobs,
@@ -150,7 +151,8 @@ def run_ablation(
     jobs = [Job(Task(c, seed), configs[v.name].replace(seed=seed), out / v.name, f"seed {seed} {v.label} ({c})")
             for seed in seeds for v in chosen for c in cats]
     run_jobs(jobs, source, pro_variants=False, resume=resume, progress=progress,
-             what=f"ablation: {len(jobs)} tasks ({len(chosen)} variants x {len(cats)} categories x {len(seeds)} seeds)")
+             what=f"ablation: {count(len(jobs), 'task')} ({count(len(chosen), 'variant')} x "
+                  f"{count(len(cats), 'category')} x {count(len(seeds), 'seed')})")
     return write_ablation(out, chosen, cats, seeds, show=show)
 
 

@@ -38,6 +38,7 @@ from .runner import (
     Job,
     Rank,
     Task,
+    count,
     csv_text,
     load_result,
     make_tasks,
@@ -104,7 +105,7 @@ def run_benchmark(
     cfg = cfg.replace(device=rank.device(cfg.device))
     tasks = make_tasks(list(categories or source.categories()), list(seeds))
     jobs = [Job(t, cfg.replace(seed=t.seed), out, f"{t.category} seed {t.seed}") for t in rank.shard(tasks)]
-    what = f"{len(tasks)} tasks ({len(tasks) // len(seeds)} categories x {len(seeds)} seeds)"
+    what = f"{count(len(tasks), 'task')} ({count(len(tasks) // len(seeds), 'category')} x {count(len(seeds), 'seed')})"
     run_jobs(jobs, source, resolution=resolution, pro_variants=pro_variants, resume=resume, skip_bad=skip_bad,
              rank=rank, progress=progress, what=what)
     missing = [t for t in tasks if load_result(out / RESULTS_DIR / f"{t.key}.json") is None]

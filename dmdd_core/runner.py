@@ -116,6 +116,13 @@ def make_tasks(categories: Sequence[str], seeds: Sequence[int]) -> list[Task]:
     return [Task(c, s) for c in categories for s in seeds]
 
 
+def count(n: int, noun: str) -> str:
+    """ "1 seed", "3 seeds", "2 categories"."""
+    if n == 1:
+        return f"1 {noun}"
+    return f"{n} {noun[:-1]}ies" if noun.endswith("y") else f"{n} {noun}s"
+
+
 # --- environment ------------------------------------------------------------------------------------------------
 def versions() -> dict[str, str]:
     """Versions of Python and the packages the numbers depend on."""
@@ -290,7 +297,7 @@ def run_metadata(records: Sequence[dict[str, Any]]) -> dict[str, str]:
     ranks = max(r.get("world_size", 1) for r in records)
     wall = sum(r["train_seconds"] + r["eval_seconds"] for r in records)
     return {
-        "dataset": f"{data.get('kind', '?')} at `{data.get('root', '?')}`, {len(categories)} categories "
+        "dataset": f"{data.get('kind', '?')} at `{data.get('root', '?')}`, {count(len(categories), 'category')} "
                    f"({', '.join(categories)}), test split",
         "preset": f"{first['preset']}; teacher {first['teacher']['name']} ({first['teacher']['source']}); input "
                   f"{cfg['image_size']}x{cfg['image_size']}; {cfg['stage1_steps']} + {cfg['stage2_steps']} steps, "
