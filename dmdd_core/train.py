@@ -105,10 +105,17 @@ def atomic_save(obj: Any, path: Path) -> None:
 
 
 def atomic_write_text(text: str, path: Path) -> None:
+    """Write ``text`` to a temporary file of its own in the same folder, then rename: a crash never leaves half a
+    file, and two processes writing the same file at once (two ranks merging a benchmark) each rename a whole one."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w") as fh:
+            fh.write(text)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
 
 
 def build_optimizers(model: DMDD, cfg: DMDDConfig) -> tuple[torch.optim.SGD, torch.optim.SGD]:

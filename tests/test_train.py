@@ -438,3 +438,18 @@ def test_resuming_with_another_rotation_policy_warns(builtin_root: Path, tmp_pat
     torch.save(state, path)
     with pytest.warns(UserWarning, match="rotation policy 'none'"):
         fit(cfg, builtin_root, CATEGORY, tmp_path, progress=False)
+
+
+def test_concurrent_writes_of_one_file_each_land_whole(tmp_path: Path) -> None:
+    """Two ranks that finish together both merge the benchmark tables: every write must rename a whole file of
+    its own, never one another writer has just renamed away."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from dmdd_core.train import atomic_write_text
+
+    path = tmp_path / "results.md"
+    texts = [f"writer {i}\n" * 2000 for i in range(8)]
+    with ThreadPoolExecutor(max_workers=8) as pool:
+        list(pool.map(lambda text: [atomic_write_text(text, path) for _ in range(25)], texts))
+    assert path.read_text() in texts
+    assert not list(tmp_path.glob("*.tmp"))
