@@ -12,7 +12,17 @@ import numpy as np
 from .benchmark import run_benchmark
 from .config import DMDDConfig
 from .data import DataSource
-from .runner import RESULTS_DIR, Rank, load_result, markdown_table, metadata_lines, run_metadata, write_text_files
+from .runner import (
+    FIGURES_DIR,
+    Job,
+    Rank,
+    Task,
+    load_result,
+    markdown_table,
+    metadata_lines,
+    run_metadata,
+    write_text_files,
+)
 
 KEYS = ("image_auroc", "pixel_auroc")
 
@@ -38,20 +48,19 @@ def quickstart_table(evaluations: Sequence[Mapping[str, Any]],
     return "\n".join(markdown_table(["category", *head], rows))
 
 
-def _loss_figures(out: Path, categories: Sequence[str], seed: int) -> None:
+def _loss_figures(jobs: Sequence[Job]) -> None:
     """``figures/<category>_seed<k>_losses.png``: each run's training losses, from its log."""
     import json
 
     import matplotlib.pyplot as plt
 
     from .plots import loss_curves, save_figure
-    from .runner import FIGURES_DIR, RUNS_DIR
     from .train import LOG_NAME
 
-    for category in categories:
-        log = json.loads((out / RUNS_DIR / category / f"seed{seed}" / LOG_NAME).read_text())["log"]
-        fig = loss_curves(log, category)
-        save_figure(fig, f"{category}_seed{seed}_losses", out / FIGURES_DIR)
+    for job in jobs:
+        log = json.loads((job.run_dir / LOG_NAME).read_text())["log"]
+        fig = loss_curves(log, job.task.category)
+        save_figure(fig, f"{job.task.category}_seed{job.task.seed}_losses", job.folder / FIGURES_DIR)
         plt.close(fig)
 
 
@@ -63,12 +72,12 @@ def quickstart(cfg: DMDDConfig, root: Path | DataSource, categories: Sequence[st
     Returns the task records."""
     run_benchmark(cfg, root, out, categories=categories, seeds=(cfg.seed,), pro_variants=False, resume=resume,
                   skip_bad=skip_bad, rank=Rank(), progress=progress, show=False)
-    records = [load_result(out / RESULTS_DIR / f"{c}__seed{cfg.seed}.json") for c in categories]
-    found = [r for r in records if r is not None]
+    jobs = [Job(Task(c, cfg.seed), cfg, out) for c in categories]
+    found = [r for r in map(load_result, (job.result_path for job in jobs)) if r is not None]
     table = quickstart_table([r["evaluation"] for r in found], [r["validation"] for r in found])
     skipped = sum(r["evaluation"].get("input", {}).get("num_skipped", 0) for r in found)
     meta = "\n".join(metadata_lines({**run_metadata(found), "bad files skipped": str(skipped)}))
-    _loss_figures(out, categories, cfg.seed)
+    _loss_figures(jobs)
     print("\n" + table + "\n\n" + meta)
     write_text_files(out, {"quickstart.md": f"# Quickstart results\n\n{table}\n\n{meta}\n"})
     print(f"\nresults and figures in {out}/ (quickstart.md; the full tables in results.md)")
