@@ -40,7 +40,7 @@ import numpy as np
 
 from .config import DMDDConfig
 from .data import DataSource, as_source
-from .protocol import HEADLINE_METRICS, label
+from .protocol import BASELINES, HEADLINE_METRICS, label
 from .runner import (
     FIGURES_DIR,
     RESULTS_DIR,
@@ -168,12 +168,36 @@ def collect(out: str | Path, variants: Sequence[Variant], categories: Sequence[s
         for seed in seeds:
             records = [load_result(out / v.name / RESULTS_DIR / f"{Task(c, seed).key}.json") for c in categories]
             if all(r is not None for r in records):
-                per_seed[seed] = {
-                    key: float(np.mean([100 * r["evaluation"]["dmdd"][key] for r in records if r is not None]))
-                    for key in ABLATION_METRICS
-                }
+                per_seed[seed] = category_means([r for r in records if r is not None], "dmdd")
         table[v.name] = per_seed
     return table
+
+
+def category_means(records: Sequence[Mapping[str, Any]], who: str) -> dict[str, float]:
+    """metric -> percent averaged over the records (one per category) of ``who`` ("dmdd", or a baseline's key
+    of :data:`~dmdd_core.protocol.BASELINES`); a metric absent from any record (image labels only) is left out."""
+    return {key: float(np.mean([100 * r["evaluation"][who][key] for r in records])) for key in ABLATION_METRICS
+            if all(key in r["evaluation"].get(who, {}) for r in records)}
+
+
+def baseline_rows(out: str | Path, categories: Sequence[str], seeds: Sequence[int]) -> list[list[str]]:
+    """The baselines on the same test splits, from full DMDD's records (PaDiM's channel draw follows the seed):
+    per baseline its mean ± std over seeds of the category means (percent) and its mean fit time."""
+    out = Path(out)
+    per_seed = {s: [load_result(out / REFERENCE / RESULTS_DIR / f"{Task(c, s).key}.json") for c in categories]
+                for s in seeds}
+    finished = {s: [r for r in found if r is not None] for s, found in per_seed.items()
+                if all(r is not None for r in found)}
+    rows = []
+    for who, name in BASELINES.items():
+        means = [category_means(records, who) for records in finished.values()]
+        if not means or not means[0]:
+            continue
+        fits = [r["evaluation"].get("padim_fit_seconds") for records in finished.values() for r in records]
+        fit = f"{np.mean(fits):.1f}" if who == "padim" and all(f is not None for f in fits) else "–"
+        rows.append([name, *(stat_text(mean_std([m[k] for m in means]) if all(k in m for m in means) else None,
+                                       len(means)) for k in ABLATION_METRICS), fit])
+    return rows
 
 
 def paired_difference(values: Mapping[int, float], reference: Mapping[int, float]) -> dict[str, Any]:
@@ -204,12 +228,12 @@ def ablation_rows(table: Mapping[str, Mapping[int, Mapping[str, float]]],
         row: dict[str, Any] = {"name": v.name, "label": v.label, "group": v.group, "overrides": dict(v.overrides),
                                "note": v.note, "components": v.components, "seeds": sorted(per_seed)}
         for key in ABLATION_METRICS:
-            values = {s: m[key] for s, m in per_seed.items()}
+            values = {s: m[key] for s, m in per_seed.items() if key in m}
             row[key] = {"mean": mean_std(list(values.values())) if values else None,
                         "per_seed": values,
-                        "vs_dmdd": paired_difference(values, {s: m[key] for s, m in reference.items()})
+                        "vs_dmdd": paired_difference(values, {s: m[key] for s, m in reference.items() if key in m})
                         if v.name != REFERENCE else None,
-                        "vs_destseg": paired_difference(values, {s: m[key] for s, m in baseline.items()})
+                        "vs_destseg": paired_difference(values, {s: m[key] for s, m in baseline.items() if key in m})
                         if v.name != BASELINE and baseline else None}
         rows.append(row)
     return rows
@@ -237,8 +261,10 @@ def _delta(diff: Mapping[str, Any] | None) -> str:
     return f"{diff['mean']:+.2f} ± {diff['std']:.2f}" + (f" (p={p:.2f})" if p is not None else "")
 
 
-def ablation_markdown(rows: Sequence[Mapping[str, Any]], meta: Mapping[str, Any]) -> str:
-    """The two tables (paper form, our choices) with their metadata."""
+def ablation_markdown(rows: Sequence[Mapping[str, Any]], meta: Mapping[str, Any],
+                      baselines: Sequence[Sequence[str]] = ()) -> str:
+    """The two tables (paper form, our choices), then the baselines on the same test splits (``baselines``:
+    :func:`baseline_rows`), with their metadata."""
     lines = [f"# Ablation: {meta.get('data', '')}, {meta.get('preset_name', '')} preset", ""]
     for key, value in meta.items():
         if key not in ("data", "preset_name"):
@@ -270,6 +296,10 @@ def ablation_markdown(rows: Sequence[Mapping[str, Any]], meta: Mapping[str, Any]
             lines.append(f"| {r['label']} | {r['note'].removeprefix('ours: ')} | " + " | ".join(cells)
                          + f" | {_delta(r['pixel_auroc']['vs_dmdd'])} | {_delta(r['aupro']['vs_dmdd'])} | "
                          + _readings(r, "vs_dmdd") + " |")
+    if baselines:
+        lines += ["", "## The baselines on the same test splits (percent; no training)", "",
+                  "| baseline | " + " | ".join(heads) + " | fit s per category |", "|---|" + "---|" * (len(heads) + 1),
+                  *("| " + " | ".join(row) + " |" for row in baselines)]
     lines += ["", "Δ: the variant minus the reference (DeSTSeg for the paper's form, full DMDD for our choices), paired "
               "by seed: mean ± std of the per-seed differences; p: paired t-test, two-sided. 'within seed noise': "
               "p ≥ 0.05, or too few seeds to tell."]
@@ -323,7 +353,7 @@ def write_ablation(out: str | Path, variants: Sequence[Variant], categories: Seq
     title = {"data": str(records[0]["evaluation"].get("data", {}).get("kind", "?")), "preset_name": records[0]["preset"]}
     meta = {**title, **run_metadata(records),
             "seeds": ", ".join(map(str, seeds)) + " (table rows use the seeds finished for every category)"}
-    text = ablation_markdown(rows, meta)
+    text = ablation_markdown(rows, meta, baseline_rows(out, categories, seeds))
     write_text_files(out, {"ablation.md": text, "ablation.csv": _csv(rows),
                            "ablation.json": json.dumps({"meta": meta, "rows": rows}, indent=1, default=_jsonable)})
     fig = ablation_figure(rows)

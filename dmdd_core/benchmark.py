@@ -31,7 +31,7 @@ import numpy as np
 
 from .config import DMDDConfig
 from .data import DataSource, as_source
-from .protocol import HEADLINE_METRICS, MAIN_METRICS, PRO_VARIANTS, label
+from .protocol import BASELINES, HEADLINE_METRICS, MAIN_METRICS, PRO_VARIANTS, label
 from .runner import (
     FIGURES_DIR,
     RESULTS_DIR,
@@ -194,11 +194,43 @@ def markdown_report(records: Sequence[dict[str, Any]], total: int | None = None)
         out += markdown_table(["category", *heads], _metric_rows(summarise(records, variants), variants, n_seeds))
         out += [""]
 
-    base = summarise(records, HEADLINE_METRICS, which="naive_baseline")
-    out += ["## Naive baseline on the same test split (percent)", "",
-            "Each pixel's distance to the mean training image: what a method must beat to have learned anything.", ""]
-    out += markdown_table(["category", *map(label, HEADLINE_METRICS)], _metric_rows(base, HEADLINE_METRICS, n_seeds))
+    out += baseline_lines(records, n_seeds)
     return "\n".join(out + [""])
+
+
+def baseline_lines(records: Sequence[dict[str, Any]], n_seeds: int) -> list[str]:
+    """The baselines' table (:data:`~dmdd_core.protocol.BASELINES`): per baseline its dataset means over the same
+    tasks beside DMDD's, and its fit time per category."""
+    heads = ["method", *map(label, HEADLINE_METRICS), "fit or train s per category"]
+    train = np.mean([r["train_seconds"] for r in records])
+    rows = [["DMDD (this run)", *(stat_text(summarise(records, HEADLINE_METRICS)["mean"].get(k), n_seeds)
+                                  for k in HEADLINE_METRICS), f"{train:.0f}"]]
+    for key, name in BASELINES.items():
+        if not all(r["evaluation"].get(key) for r in records):
+            continue
+        fits = [r["evaluation"].get(f"{key.removesuffix('_baseline')}_fit_seconds") for r in records]
+        fit = f"{np.mean(fits):.1f}" if all(f is not None for f in fits) else "–"
+        mean = summarise(records, HEADLINE_METRICS, which=key)["mean"]
+        rows.append([name, *(stat_text(mean.get(k), n_seeds) for k in HEADLINE_METRICS), fit])
+    absent = "" if all(k in r["evaluation"]["dmdd"] for r in records for k in HEADLINE_METRICS) else (
+        " '–': absent, the test split has image labels only.")
+    return ["## Beside the baselines on the same test split (mean over categories, percent)", "",
+            "PaDiM fits a Gaussian per position to the same teacher's features, with no training: a learned model "
+            "below it has not yet learned more than the teacher already knows. The mean-image baseline is naive: "
+            "when it scores well, the test set is too easy to show anything." + absent, "",
+            *markdown_table(heads, rows), "",
+            "Per category:", "",
+            *markdown_table(["category", *(f"{who} {label(k)}" for who in ("DMDD", "PaDiM") for k in HEADLINE_METRICS)],
+                            _side_by_side(records, n_seeds))]
+
+
+def _side_by_side(records: Sequence[dict[str, Any]], n_seeds: int) -> list[list[str]]:
+    """Per category: DMDD's headline metrics, then PaDiM's (mean ± std over seeds, percent)."""
+    ours = _metric_rows(summarise(records, HEADLINE_METRICS), HEADLINE_METRICS, n_seeds)
+    if not all(r["evaluation"].get("padim") for r in records):
+        return [row + ["–"] * len(HEADLINE_METRICS) for row in ours]
+    theirs = _metric_rows(summarise(records, HEADLINE_METRICS, which="padim"), HEADLINE_METRICS, n_seeds)
+    return [a + b[1:] for a, b in zip(ours, theirs)]
 
 
 def _csv_files(records: Sequence[dict[str, Any]]) -> tuple[str, str]:
@@ -212,7 +244,8 @@ def _csv_files(records: Sequence[dict[str, Any]]) -> tuple[str, str]:
         for k, (mean, std) in values.items():
             row[k], row[f"{k}_std"] = round(mean, 3), round(std, 3)
         rows.append(row)
-    per_seed_fields = ["category", "seed", *keys, *(f"baseline_{k}" for k in HEADLINE_METRICS),
+    baseline_fields = [f"{prefix}_{k}" for prefix in ("padim", "baseline") for k in HEADLINE_METRICS]
+    per_seed_fields = ["category", "seed", *keys, *baseline_fields, "padim_fit_seconds",
                        "num_images", "num_defective", "train_seconds", "eval_seconds", "rank", "device"]
     per_seed = []
     for r in records:
@@ -221,7 +254,9 @@ def _csv_files(records: Sequence[dict[str, Any]]) -> tuple[str, str]:
                "num_defective": ev["num_defective"], "train_seconds": r["train_seconds"],
                "eval_seconds": r["eval_seconds"], "rank": r["rank"], "device": r["device"]}
         row.update({k: round(100 * ev["dmdd"][k], 3) for k in keys if k in ev["dmdd"]})
-        row.update({f"baseline_{k}": round(100 * ev["naive_baseline"][k], 3) for k in HEADLINE_METRICS})
+        for prefix, key in (("padim", "padim"), ("baseline", "naive_baseline")):
+            row.update({f"{prefix}_{k}": round(100 * v, 3) for k, v in ev.get(key, {}).items() if k in HEADLINE_METRICS})
+        row["padim_fit_seconds"] = ev.get("padim_fit_seconds")
         per_seed.append(row)
     return csv_text(fields, rows), csv_text(per_seed_fields, per_seed)
 
@@ -236,7 +271,7 @@ def curve_figure(records: Sequence[dict[str, Any]]):
 
     def panel(curve: str, metric: str) -> dict[str, tuple[list[float], list[float]]]:
         return {f"{c} ({100 * r['evaluation']['dmdd'][metric]:.1f})": (r["curves"][curve]["x"], r["curves"][curve]["y"])
-                for c, r in first.items()}
+                for c, r in first.items() if curve in r["curves"]}
 
     return curve_panels(
         [
@@ -326,6 +361,8 @@ def category_figure(records: Sequence[dict[str, Any]], keys: Sequence[str] = HEA
     ys = np.arange(len(categories))[::-1]
     for ax, key in zip(axes[0], keys):
         for y, category in zip(ys, categories):
+            if key not in summary["categories"][category]:
+                continue  # absent: image labels only
             values = [100 * r["evaluation"]["dmdd"][key] for r in records if r["category"] == category]
             mean, std = summary["categories"][category][key]
             ax.scatter(values, [y] * len(values), s=12, color="tab:blue", alpha=0.5, zorder=2)
@@ -335,7 +372,7 @@ def category_figure(records: Sequence[dict[str, Any]], keys: Sequence[str] = HEA
         published = getattr(paper, key, None) if paper else None
         if published is not None:
             ax.axvline(published, color="tab:red", ls="--", lw=1.2, label=f"DMDD paper ({published:.2f})")
-        low = min(100 * r["evaluation"]["dmdd"][key] for r in records)
+        low = min((100 * r["evaluation"]["dmdd"][key] for r in records if key in r["evaluation"]["dmdd"]), default=95)
         ax.set_xlim(max(0.0, low - 5), 100.5)
         ax.set_title(label(key))
         ax.set_xlabel("percent (seeds: dots; mean ± std: diamond)")

@@ -15,7 +15,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Literal
 
-Layout = Literal["mvtec", "visa", "folder"]
+Layout = Literal["mvtec", "visa", "folder", "elpv"]
 Policy = Literal["none", "small", "right_angle_small"]
 
 MVTEC_CATEGORIES: tuple[str, ...] = (
@@ -30,6 +30,7 @@ VISA_CATEGORIES: tuple[str, ...] = (
     "pipe_fryum",
 )  # fmt: skip
 BUILTIN_CATEGORIES: tuple[str, ...] = ("brick", "grass", "gravel")
+ELPV_CATEGORIES: tuple[str, ...] = ("mono", "poly")
 
 
 @dataclass(frozen=True)
@@ -93,12 +94,21 @@ DATASETS: dict[str, DatasetInfo] = {
         dict.fromkeys(BUILTIN_CATEGORIES, "right_angle_small"),  # [ours] textures without orientation
         "dmdd_core.data.builtin",
     ),
+    "elpv": DatasetInfo(
+        "elpv",
+        "ELPV solar cells (PyPI elpv-dataset; image labels only)",
+        "elpv",
+        ELPV_CATEGORIES,
+        {},  # [ours] cells are aligned, their busbars run one way
+        "Buerhop-Lutz et al., EU PVSEC 2018; Deitsch et al., Solar Energy 2019 and Mach. Vis. Appl. 2021 "
+        "(CC BY-NC-SA 4.0)",
+    ),
 }
 """Known datasets by name. A folder of one's own is read with the ``folder`` layout (no entry needed)."""
 
 DATASET_ALIASES: dict[str, str] = {"mvtec_ad": "mvtec", "mvtec-ad": "mvtec"}
 """Other names accepted for a known dataset."""
-DATASET_KINDS: tuple[str, ...] = ("auto", "mvtec", "mpdd", "visa", "builtin", "folder", *DATASET_ALIASES)
+DATASET_KINDS: tuple[str, ...] = ("auto", "mvtec", "mpdd", "visa", "builtin", "elpv", "folder", *DATASET_ALIASES)
 """Values of ``--dataset``: a known dataset (or an alias), ``folder`` for one category of your own, or ``auto``
 (detect)."""
 

@@ -17,6 +17,7 @@ if TYPE_CHECKING:
     from .data import DataSource
 
 BUILTIN = "builtin"
+ELPV = "elpv"
 DESCRIPTION = """\
 DMDD: Dual-Modeling Decouple Distillation for unsupervised anomaly detection.
 
@@ -42,6 +43,13 @@ def _data_root(value: str) -> Path:
         from .data.builtin import ensure_builtin_dataset
 
         return ensure_builtin_dataset()
+    if value == ELPV:
+        from .data import elpv_root
+
+        try:
+            return elpv_root()
+        except FileNotFoundError as err:
+            raise SystemExit(f"error: --data elpv: {err}") from err
     root = Path(value).expanduser()
     if not root.is_dir():
         raise SystemExit(
@@ -55,7 +63,9 @@ def _source(args: argparse.Namespace) -> DataSource:
     """The dataset of ``--data``/``--dataset``/``--mask-suffix``."""
     from .data import open_source
 
-    kind = "builtin" if args.data == BUILTIN else args.dataset
+    if args.dataset == ELPV and args.data == BUILTIN:
+        args.data = ELPV  # --dataset elpv alone reads the installed package
+    kind = args.data if args.data in (BUILTIN, ELPV) else args.dataset
     return open_source(_data_root(args.data), kind, mask_suffix=args.mask_suffix)
 
 
@@ -81,7 +91,7 @@ def _config(args: argparse.Namespace) -> DMDDConfig:
 
 def _add_common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--preset", default="fast", choices=sorted(PRESETS), help="settings preset: 'paper' is the full setting of the method card (GPU), 'fast' trains in ~2 min on CPU (default: fast)")
-    p.add_argument("--data", default=BUILTIN, help="dataset root, or 'builtin' for the generated offline dataset (default)")
+    p.add_argument("--data", default=BUILTIN, help="dataset root, 'builtin' for the generated offline dataset (default), or 'elpv' for the ELPV solar cells of the installed elpv-dataset package (image labels only)")
     _add_data_options(p)
     p.add_argument("--texture-dir", dest="texture_dir", help="folder of texture images for the synthetic anomalies (the paper's setting: DTD's dtd/images, see `dmdd download dtd`); default: the offline textures")
     p.add_argument("--val-fraction", dest="val_fraction", type=float, help="share of the training images held out for validation (default 0.1; 0 for none)")
@@ -100,7 +110,7 @@ def _add_common(p: argparse.ArgumentParser) -> None:
 
 
 def _add_data_options(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--dataset", default="auto", choices=DATASET_KINDS, help="layout of --data: mvtec, mpdd, visa (its split_csv), builtin, folder (one category of your own: DIR/train/good, DIR/test/<type>, DIR/ground_truth/<type>), or auto (detect; default)")
+    p.add_argument("--dataset", default="auto", choices=DATASET_KINDS, help="layout of --data: mvtec, mpdd, visa (its split_csv), builtin, elpv (labels.csv and images/, as the elpv-dataset package installs them), folder (one category of your own: DIR/train/good, DIR/test/<type>, DIR/ground_truth/<type>), or auto (detect; default)")
     p.add_argument("--mask-suffix", dest="mask_suffix", default="_mask", help="ground-truth mask name: <image stem><suffix>.png (default _mask; '' for the image's own name)")
     p.add_argument("--skip-bad", dest="skip_bad", action="store_true", help="leave unreadable images and unpaired masks out (each is logged, and counted in the report) instead of stopping")
 

@@ -46,6 +46,17 @@ class DMDDConfig:
     val_seed: int = 0
     """Seed of the validation split and of its synthetic anomalies; independent of ``seed``, so every run of a
     category validates on the same images. [ours]"""
+    synth_texture: float = 1.0
+    """Share of the synthetic anomalies made by pasting a texture inside a Perlin mask. [DeSTSeg: the only one]"""
+    synth_patch: float = 0.0
+    """Share made of a shifted, rescaled, brightness-changed patch of another normal image inside a Perlin mask.
+    [ours]"""
+    synth_stroke: float = 0.0
+    """Share made of a thin dark or bright curve (scratches, cracks). [ours]"""
+    synth_brightness: float = 0.0
+    """Share made of a smooth low-frequency brightness change (uneven or dark areas). [ours] The four shares are
+    normalised by their sum (:class:`dmdd_core.synthesis.SourceMix`); the validation split keeps the texture
+    recipe alone, so that every setting validates on the same anomalies."""
     texture_dir: str | None = None
     """Folder of texture images (DTD in the paper's setting); None: the offline textures shipped with
     installed packages plus procedural ones. [ours]"""
@@ -156,6 +167,10 @@ class DMDDConfig:
             raise ValueError(f"seg_branches must be 'both' or 'normality', got {self.seg_branches!r}")
         if self.amp not in AMP_MODES:
             raise ValueError(f"amp must be one of {', '.join(AMP_MODES)}, got {self.amp!r}")
+        shares = (self.synth_texture, self.synth_patch, self.synth_stroke, self.synth_brightness)
+        if min(shares) < 0 or sum(shares) <= 0:
+            raise ValueError(f"synth_texture, synth_patch, synth_stroke and synth_brightness must be >= 0 with a "
+                             f"positive sum, got {shares}")
         if self.ngm_region not in ("all", "normal"):
             raise ValueError(f"ngm_region must be 'all' or 'normal', got {self.ngm_region!r}")
 

@@ -53,11 +53,23 @@ from .metrics import (
     pixel_metrics,
 )
 from .model import DMDD
-from .protocol import AUPRO_DEFINITION, CHECKPOINT_RULE, METRICS, RESOLUTIONS, resolution_text
+from .padim import PaDiM
+from .protocol import (
+    AUPRO_DEFINITION,
+    CHECKPOINT_RULE,
+    HEADLINE_METRICS,
+    METRICS,
+    RESOLUTIONS,
+    label,
+    resolution_text,
+)
 
 METRIC_KEYS: dict[str, str] = {m.key: f"{m.label}: {m.definition}" for m in METRICS}
 """What each key of :attr:`Evaluation.metrics` (and ``baseline``) means (:mod:`dmdd_core.protocol`); the two PRO
-variants are absent when :func:`evaluate` is called with ``pro_variants=False``."""
+variants are absent when :func:`evaluate` is called with ``pro_variants=False``, every pixel metric on a split with
+image labels only."""
+ABSENT_PIXEL_METRICS = "absent: the test split has image labels only (no ground-truth masks)"
+"""What result files say of the pixel metrics of a split with image labels only."""
 
 
 @dataclass
@@ -138,6 +150,13 @@ class Evaluation:
     """The sizes the pixel metrics were computed at, "WxH" -> number of images."""
     training_precision: str = "unrecorded"
     """The precision the model was trained in (fp32, bf16, fp16); evaluation itself runs in fp32."""
+    padim: dict[str, float] = field(default_factory=dict)
+    """The same metrics for PaDiM on the model's own teacher (:mod:`dmdd_core.padim`); empty when not asked."""
+    padim_fit_seconds: float | None = None
+    """The time PaDiM took to fit (its teacher pass over the training images included); None when not run."""
+    pixel_labels: bool = True
+    """False when the split has image labels only (no ground-truth folder): the pixel metrics are then absent
+    from every metrics dict, not zero."""
 
     @property
     def metric_resolution_text(self) -> str:
@@ -162,34 +181,42 @@ class Evaluation:
             "num_defective": self.num_defective,
             "dmdd": self.metrics,
             "naive_baseline": self.baseline,
+            "padim": self.padim,
+            "padim_fit_seconds": self.padim_fit_seconds,
+            "pixel_metrics": "computed" if self.pixel_labels else ABSENT_PIXEL_METRICS,
             "input": self.input_report.to_dict(),
         }
 
     def summary(self) -> str:
-        m, b = self.metrics, self.baseline
-        return (
-            f"{self.category}: image AUROC {m['image_auroc']:.3f} (baseline {b['image_auroc']:.3f}), "
-            f"pixel AUROC {m['pixel_auroc']:.3f} (baseline {b['pixel_auroc']:.3f}), "
-            f"AUPRO {m['aupro']:.3f} (baseline {b['aupro']:.3f}) "
-            f"[{self.split} split, {self.num_images} images, "
-            + (f"{self.resolution}x{self.resolution}" if self.metric_resolution == "input"
-               else f"input {self.resolution}x{self.resolution}, metrics at {self.metric_resolution_text}")
-            + f", seed {self.seed}, trained in {self.training_precision}"
-            + (f"; {self.input_report.summary()}" if self.input_report.summary() else "")
-            + "]"
-        )
+        """One line: DMDD's headline metrics, each with the baselines' in brackets, and what they were computed on."""
+        def figure(key: str) -> str:
+            if key not in self.metrics:
+                return f"{label(key)} absent"
+            others = [f"{name} {d[key]:.3f}" for name, d in (("mean image", self.baseline), ("PaDiM", self.padim))
+                      if key in d]
+            return f"{label(key)} {self.metrics[key]:.3f}" + (f" ({', '.join(others)})" if others else "")
+
+        where = (f"{self.resolution}x{self.resolution}" if self.metric_resolution == "input"
+                 else f"input {self.resolution}x{self.resolution}, metrics at {self.metric_resolution_text}")
+        notes = [f"{self.split} split", f"{self.num_images} images", where, f"seed {self.seed}",
+                 f"trained in {self.training_precision}"]
+        if not self.pixel_labels:
+            notes.append("image labels only")
+        if self.input_report.summary():
+            notes.append(self.input_report.summary())
+        return (f"{self.category}: " + ", ".join(figure(k) for k in HEADLINE_METRICS)
+                + f" [{'; '.join([', '.join(notes[:5]), *notes[5:]])}]")
 
 
 def _metrics(labels: np.ndarray, scores: np.ndarray, masks: ImageSet, maps: ImageSet,
-             pro_variants: bool = True) -> dict[str, float]:
+             pro_variants: bool = True, pixel: bool = True) -> dict[str, float]:
     """The metrics of :data:`METRIC_KEYS` at the maps' resolution: (N,H,W) arrays, or lists of 2-D arrays of
-    each image's size. ``pro_variants=False`` leaves out the two AUPRO variants."""
-    metrics = {
-        "image_auroc": image_auroc(labels, scores),
-        "image_f1_max": f1_max_threshold(labels, scores)[0],
-        **pixel_metrics(masks, maps),
-        "aupro": aupro(masks, maps),
-    }
+    each image's size. ``pro_variants=False`` leaves out the two AUPRO variants, ``pixel=False`` (a split with
+    image labels only) every pixel metric."""
+    metrics = {"image_auroc": image_auroc(labels, scores), "image_f1_max": f1_max_threshold(labels, scores)[0]}
+    if not pixel:
+        return metrics
+    metrics |= {**pixel_metrics(masks, maps), "aupro": aupro(masks, maps)}
     if pro_variants:
         metrics["aupro_per_image"] = aupro_per_image(masks, maps)
         metrics["aupro_linear_200"] = aupro_linear_thresholds(masks, maps, num_thresholds=200)
@@ -248,6 +275,7 @@ def evaluate(
     progress: bool | None = None,
     resolution: str = "input",
     pro_variants: bool = True,
+    padim: bool = True,
 ) -> Evaluation:
     """The metrics of :data:`METRIC_KEYS` for the model on one split of ``data`` (a dataset root of any layout,
     or a source), beside the naive baseline fitted on the same training share.
@@ -258,7 +286,9 @@ def evaluate(
     baseline's, upsampled bilinearly to its image's own size and compared with the mask read at that size,
     never resized, as MVTec AD's official evaluation does; a mask of another size than its image, accepted when
     their aspect ratios match and listed in the input report, sets the size). ``pro_variants=False`` skips the
-    two AUPRO variants. ``skip_bad`` leaves unreadable files out and counts them in the report instead of
+    two AUPRO variants, ``padim=False`` the PaDiM baseline (:mod:`dmdd_core.padim`). A test split whose dataset
+    has no ground truth at all (:meth:`~dmdd_core.data.DataSource.has_pixel_labels`) gets image metrics only;
+    its pixel metrics are absent. ``skip_bad`` leaves unreadable files out and counts them in the report instead of
     stopping. The returned :attr:`Evaluation.predictions` hold the S x S maps in both cases.
     """
     if split not in ("test", "val"):
@@ -281,23 +311,32 @@ def evaluate(
     else:
         dataset = ValidationDataset.from_config(category_data, cfg, default_textures(category, cfg))
     preds = predict_dataset(model, dataset, batch_size, progress)
-    baseline = MeanImageBaseline(top_k=cfg.top_k).fit(images_to_tensor(category_data.train_images))
-    base_maps, base_scores = baseline.predict(dataset.image_tensor())
-    if resolution == "input":
-        metrics = _metrics(preds.labels, preds.scores, preds.masks, preds.maps, pro_variants)
-        base = _metrics(preds.labels, base_scores, preds.masks, base_maps, pro_variants)
+    pixel = split == "val" or source.has_pixel_labels(category)
+    train_images = images_to_tensor(category_data.train_images)
+    test_images = dataset.image_tensor()
+    baseline = MeanImageBaseline(top_k=cfg.top_k).fit(train_images)
+    predictions = {"dmdd": (preds.maps, preds.scores), "mean": baseline.predict(test_images)}
+    fitted = PaDiM(model.teacher, seed=cfg.seed).fit(train_images) if padim else None
+    if fitted is not None:
+        predictions["padim"] = fitted.predict(test_images)
+    if resolution == "input" or not pixel:
+        results = {who: _metrics(preds.labels, scores, preds.masks, maps, pro_variants, pixel)
+                   for who, (maps, scores) in predictions.items()}
         sizes = {f"{size}x{size}": len(dataset)}
     else:
         assert isinstance(dataset, TestDataset)
         masks = original_masks(dataset.items, progress)
         # One model's upsampled maps at a time: the masks are the only original-size arrays kept throughout.
-        metrics = original_size_metrics(preds.labels, preds.scores, preds.maps, masks, pro_variants=pro_variants)
-        base = original_size_metrics(preds.labels, base_scores, base_maps, masks, pro_variants=pro_variants)
+        results = {who: original_size_metrics(preds.labels, scores, maps, masks, pro_variants=pro_variants)
+                   for who, (maps, scores) in predictions.items()}
         sizes = dict(Counter(f"{m.shape[1]}x{m.shape[0]}" for m in masks))
     return Evaluation(
         category=category,
-        metrics=metrics,
-        baseline=base,
+        metrics=results["dmdd"],
+        baseline=results["mean"],
+        padim=results.get("padim", {}),
+        padim_fit_seconds=None if fitted is None else fitted.fit_seconds,
+        pixel_labels=pixel,
         resolution=size,
         seed=cfg.seed,
         training_precision=model.training_precision,

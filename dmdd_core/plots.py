@@ -100,7 +100,10 @@ def curve_panels(
         ax.set_title(title)
         ax.set_xlabel(xlabel)
         ax.set_ylabel(ylabel)
-        ax.legend(frameon=False, fontsize=7, loc="lower right")
+        if curves:
+            ax.legend(frameon=False, fontsize=7, loc="lower right")
+        else:
+            ax.text(0.5, 0.5, "absent: image labels only", ha="center", va="center", transform=ax.transAxes)
     fig.tight_layout()
     return fig
 

@@ -51,6 +51,15 @@ HEADLINE_METRICS: tuple[str, ...] = ("image_auroc", "pixel_auroc", "aupro")
 """The three figures papers report, and those of the baselines and the ablation tables."""
 
 
+BASELINES: dict[str, str] = {
+    "padim": "PaDiM (training-free, same teacher)",
+    "naive_baseline": "mean image",
+}
+"""The baselines every evaluation reports beside DMDD, by their key in result files: PaDiM on DMDD's own teacher
+(:mod:`dmdd_core.padim`), the classic method a learned model must beat, and the naive mean-image baseline
+(:mod:`dmdd_core.baseline`), which tells whether a test set is too easy to show anything."""
+
+
 def label(key: str) -> str:
     """The column head of a metric key."""
     return BY_KEY[key].label

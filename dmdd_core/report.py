@@ -1,8 +1,9 @@
 """The quickstart: a one-seed benchmark of a dataset's categories (the built-in one by default), then a short
-table of DMDD beside the naive baseline and the validation split. [ours]"""
+table of DMDD beside PaDiM, the naive baseline and the validation split. [ours]"""
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -12,6 +13,7 @@ import numpy as np
 from .benchmark import run_benchmark
 from .config import DMDDConfig
 from .data import DataSource
+from .protocol import label
 from .runner import (
     FIGURES_DIR,
     Job,
@@ -25,26 +27,39 @@ from .runner import (
 )
 
 KEYS = ("image_auroc", "pixel_auroc")
+WHO = (("dmdd", "DMDD"), ("padim", "PaDiM"), ("naive_baseline", "mean image"))
+"""The columns of each metric: DMDD, then the baselines of :data:`~dmdd_core.protocol.BASELINES`."""
 
 
 def quickstart_table(evaluations: Sequence[Mapping[str, Any]],
                      validation: Sequence[Mapping[str, float] | None] | None = None) -> str:
-    """Per-category image and pixel AUROC of DMDD and of the naive baseline (``evaluations``: the dicts of
-    :meth:`~dmdd_core.infer.Evaluation.to_dict`), with their mean; with ``validation`` (one dict or None per
-    category, e.g. a run's last validation entry) two more columns give the validation split's AUROCs."""
+    """Per-category image and pixel AUROC of DMDD, PaDiM and the mean-image baseline (``evaluations``: the
+    dicts of :meth:`~dmdd_core.infer.Evaluation.to_dict`) and PaDiM's fit time, with their mean; with
+    ``validation`` (one dict or None per category, e.g. a run's last validation entry) two more columns give
+    the validation split's AUROCs. An absent metric (image labels only) reads "–"."""
     split = evaluations[0]["split"] if evaluations else "test"
-    head = [f"{split} {h}" for h in ("image AUROC", "pixel AUROC", "baseline image AUROC", "baseline pixel AUROC")]
+    head = [f"{split} {label(k)}: {name}" for k in KEYS for _, name in WHO] + ["PaDiM fit s"]
     with_val = validation is not None and any(validation)
     head += ["val image AUROC", "val pixel AUROC"] if with_val else []
+    nan = float("nan")
     values = []
     for i, ev in enumerate(evaluations):
-        row = [ev["dmdd"][k] for k in KEYS] + [ev["naive_baseline"][k] for k in KEYS]
+        row = [ev.get(who, {}).get(k, nan) for k in KEYS for who, _ in WHO]
+        row.append(ev.get("padim_fit_seconds") or nan)
         if with_val and validation is not None:
-            row += [(validation[i] or {}).get(k, float("nan")) for k in KEYS]
+            row += [(validation[i] or {}).get(k, nan) for k in KEYS]
         values.append(row)
-    rows = [[ev["category"], *(f"{v:.3f}" for v in row)] for ev, row in zip(evaluations, values)]
+
+    def cells(row: Sequence[float], bold: bool = False) -> list[str]:
+        texts = ["–" if np.isnan(v) else (f"{v:.1f}" if j == len(KEYS) * len(WHO) else f"{v:.3f}")
+                 for j, v in enumerate(row)]
+        return [f"**{t}**" if bold and t != "–" else t for t in texts]
+
+    rows = [[ev["category"], *cells(row)] for ev, row in zip(evaluations, values)]
     if len(evaluations) > 1:
-        rows.append(["**mean**", *(f"**{v:.3f}**" for v in np.nanmean(values, axis=0))])
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", RuntimeWarning)  # a column that is absent everywhere stays "–"
+            rows.append(["**mean**", *cells(np.nanmean(values, axis=0), bold=True)])
     return "\n".join(markdown_table(["category", *head], rows))
 
 

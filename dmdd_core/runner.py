@@ -173,14 +173,17 @@ def _subsample(x: np.ndarray, y: np.ndarray, points: int = CURVE_POINTS) -> dict
     return {"x": [round(float(v), 6) for v in x], "y": [round(float(v), 6) for v in y]}
 
 
-def curves(preds: Any) -> dict[str, dict[str, list[float]]]:
+def curves(preds: Any, pixel: bool = True) -> dict[str, dict[str, list[float]]]:
     """Image ROC, pixel ROC and the reference PRO curve (to FPR 0.3) of one evaluation's predictions, at the
-    model's input resolution, subsampled for storage."""
+    model's input resolution, subsampled for storage; the image ROC only when ``pixel`` is False (a split with
+    image labels only)."""
     from sklearn.metrics import roc_curve
 
     from .metrics import pro_curve
 
     fpr, tpr, _ = roc_curve(preds.labels, preds.scores)
+    if not pixel:
+        return {"image_roc": _subsample(fpr, tpr)}
     pixel_fpr, pixel_tpr, _ = roc_curve(preds.masks.ravel(), preds.maps.ravel(), drop_intermediate=True)
     pro_fpr, pro = pro_curve(preds.masks, preds.maps, FPR_LIMIT)
     inside = pro_fpr <= FPR_LIMIT
@@ -242,7 +245,7 @@ def run_task(job: Job, source: DataSource, *, teacher: Any = None, resolution: s
         "teacher": {"name": result.model.teacher.name, "source": result.model.teacher.source},
         "evaluation": ev.to_dict(), "pro_variants": pro_variants,
         "validation": history[-1] if history else None, "thresholds": thresholds,
-        "curves": curves(ev.predictions),
+        "curves": curves(ev.predictions, ev.pixel_labels),
         "train_seconds": round(train_seconds, 1), "eval_seconds": round(eval_seconds, 1),
         "resumed_from_step": result.resumed_from, "rank": rank.rank, "world_size": rank.world_size,
         "device": describe_device(select_device(job.cfg.device)), "precision": result.precision,

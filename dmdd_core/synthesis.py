@@ -540,6 +540,177 @@ def blend(images: Tensor, textures: Tensor, masks: Tensor, beta: Tensor) -> Tens
     return images * (1.0 - masks) + (1.0 - beta) * textures * masks + beta * images * masks
 
 
+# --- sources that resemble real defects [ours] -----------------------------------------------------------------
+SOURCES: tuple[str, ...] = ("texture", "patch", "stroke", "brightness")
+"""The kinds of synthetic anomaly (:class:`SourceMix`), in the order their shares are drawn from."""
+PATCH_SCALE: tuple[float, float] = (0.5, 2.0)
+"""Rescaling of a pasted patch of a normal image (log-uniform)."""
+PATCH_GAIN: tuple[float, float] = (0.6, 1.4)
+"""Brightness gain of a pasted patch; an offset U(-PATCH_OFFSET, PATCH_OFFSET) is added."""
+PATCH_OFFSET: float = 0.15
+STROKE_WIDTHS: tuple[int, ...] = (1, 2, 3)
+"""Stroke widths in pixels at 256 x 256 (scaled with the image side)."""
+STROKE_CONTRAST: tuple[float, float] = (0.2, 0.6)
+"""How much a stroke darkens or brightens the pixels it covers."""
+BLOB_RADIUS: tuple[float, float] = (0.15, 0.45)
+"""Radii of a brightness change along each axis, as shares of the image side."""
+BLOB_AMPLITUDE: tuple[float, float] = (0.1, 0.35)
+"""Peak brightness change (added or taken away)."""
+BLOB_MASK_LEVEL: float = 0.25
+"""A brightness change is labelled anomalous where it reaches this share of its peak."""
+
+
+@dataclass(frozen=True)
+class SourceMix:
+    """Shares of the synthetic anomaly sources (normalised by their sum), one source per sample: [ours]
+
+    - ``texture``: a texture pasted inside a Perlin mask (the paper's recipe);
+    - ``patch``: inside a Perlin mask, a patch of another normal image of the batch, shifted, rescaled and with
+      its brightness changed (:func:`patch_images`): a defect made of the product's own material;
+    - ``stroke``: a thin dark or bright curve (:func:`stroke_masks`): scratches and cracks;
+    - ``brightness``: a smooth low-frequency brightness change (:func:`brightness_fields`): uneven or dark areas.
+    """
+
+    texture: float = 1.0
+    patch: float = 0.0
+    stroke: float = 0.0
+    brightness: float = 0.0
+
+    def __post_init__(self) -> None:
+        values = self.values()
+        if min(values) < 0 or sum(values) <= 0:
+            raise ValueError(f"synthesis shares must be >= 0 with a positive sum, got {dict(zip(SOURCES, values))}")
+
+    def values(self) -> tuple[float, ...]:
+        return tuple(float(getattr(self, name)) for name in SOURCES)
+
+    @property
+    def texture_only(self) -> bool:
+        """True for the paper's recipe: no other source is drawn (and no extra random number)."""
+        return not any(self.values()[1:])
+
+
+@dataclass
+class SourceDraws:
+    """The random part of the extra sources of a batch, drawn after :class:`SynthesisDraws`; (B,...) CPU tensors."""
+
+    kind: Tensor
+    """(B,) int index into :data:`SOURCES`."""
+    patch_scale: Tensor
+    patch_shift: Tensor
+    """(B,2) in [-0.5, 0.5): shift of the patch (rows, columns) as shares of the side."""
+    patch_gain: Tensor
+    patch_offset: Tensor
+    stroke_points: Tensor
+    """(B,3,2) in [0,1): start, control and end point (row, column) of a quadratic Bezier curve."""
+    stroke_width: Tensor
+    """(B,) int, pixels at 256 x 256."""
+    stroke_change: Tensor
+    """(B,) signed: the brightness change inside the stroke (dark when negative)."""
+    blob_centre: Tensor
+    """(B,2) in [0.15, 0.85): centre (row, column) as shares of the side."""
+    blob_radius: Tensor
+    """(B,2): radii (rows, columns) as shares of the side."""
+    blob_amplitude: Tensor
+    """(B,) signed peak change."""
+
+    @classmethod
+    def draw(cls, n: int, mix: SourceMix, generator: torch.Generator) -> SourceDraws:
+        shares = torch.tensor(mix.values(), dtype=torch.float64)
+        sign = torch.randint(2, (2, n), generator=generator) * 2 - 1
+        log_low, log_high = math.log(PATCH_SCALE[0]), math.log(PATCH_SCALE[1])
+        return cls(
+            kind=torch.multinomial(shares, n, replacement=True, generator=generator),
+            patch_scale=_uniform(n, log_low, log_high, generator).exp(),
+            patch_shift=_uniform((n, 2), -0.5, 0.5, generator),
+            patch_gain=_uniform(n, *PATCH_GAIN, generator),
+            patch_offset=_uniform(n, -PATCH_OFFSET, PATCH_OFFSET, generator),
+            stroke_points=torch.rand(n, 3, 2, generator=generator, dtype=torch.float64),
+            stroke_width=torch.tensor(STROKE_WIDTHS)[torch.randint(len(STROKE_WIDTHS), (n,), generator=generator)],
+            stroke_change=sign[0] * _uniform(n, *STROKE_CONTRAST, generator),
+            blob_centre=_uniform((n, 2), 0.15, 0.85, generator),
+            blob_radius=_uniform((n, 2), *BLOB_RADIUS, generator),
+            blob_amplitude=sign[1] * _uniform(n, *BLOB_AMPLITUDE, generator),
+        )
+
+
+def patch_images(images: Tensor, draws: SourceDraws) -> Tensor:
+    """For each sample, the next normal image of the batch (itself in a batch of one) rescaled about its centre by
+    ``patch_scale``, shifted by ``patch_shift`` (mirrored at the border), times ``patch_gain`` plus
+    ``patch_offset``, clipped to [0,1]: (B,3,H,W), what :func:`synthesize_anomalies` pastes inside the mask."""
+    b, _, h, w = images.shape
+    theta = torch.zeros(b, 2, 3, dtype=torch.float64)
+    theta[:, 0, 0] = theta[:, 1, 1] = 1.0 / draws.patch_scale
+    theta[:, 0, 2], theta[:, 1, 2] = 2.0 * draws.patch_shift[:, 1], 2.0 * draws.patch_shift[:, 0]
+    grid = affine_grid(theta, (h, w), images.device).to(images.dtype)
+    moved = F.grid_sample(images.roll(1, dims=0), grid, mode="bilinear", padding_mode="reflection", align_corners=False)
+    gain = draws.patch_gain.to(images.device, images.dtype)[:, None, None, None]
+    offset = draws.patch_offset.to(images.device, images.dtype)[:, None, None, None]
+    return (moved * gain + offset).clamp_(0.0, 1.0)
+
+
+def stroke_masks(draws: SourceDraws, shape: tuple[int, int], device: torch.device | str = "cpu") -> Tensor:
+    """(B,1,H,W) {0,1}: a quadratic Bezier curve through each sample's three points, sampled densely (two points
+    per pixel of the longer side, times three), widened to ``stroke_width`` pixels (scaled from 256) by a max
+    filter."""
+    b = draws.kind.shape[0]
+    h, w = shape
+    t = torch.linspace(0.0, 1.0, 6 * max(h, w), dtype=torch.float64)[None, :, None]
+    p0, p1, p2 = (draws.stroke_points[:, i, None, :] for i in range(3))
+    curve = (1 - t) ** 2 * p0 + 2 * (1 - t) * t * p1 + t**2 * p2  # (B,T,2) in [0,1)
+    rows = (curve[..., 0] * h).long().clamp_(0, h - 1)
+    cols = (curve[..., 1] * w).long().clamp_(0, w - 1)
+    masks = torch.zeros(b, h * w)
+    masks.scatter_(1, rows * w + cols, 1.0)
+    masks = masks.view(b, 1, h, w)
+    widths = (draws.stroke_width.double() * max(h, w) / 256).round().clamp_(min=1).long()
+    for width in widths.unique().tolist():
+        chosen = widths == width
+        if width > 1:  # an odd kernel of 2*(width//2)+1 pixels: widths 2 and 3 both give 3 at 256^2
+            kernel = 2 * (width // 2) + 1
+            masks[chosen] = F.max_pool2d(masks[chosen], kernel, stride=1, padding=kernel // 2)
+    return masks.to(device)
+
+
+def brightness_fields(draws: SourceDraws, shape: tuple[int, int], device: torch.device | str = "cpu") -> Tensor:
+    """(B,1,H,W): a smooth brightness change A * (1 - r^2)^2 inside the ellipse r < 1 (centre ``blob_centre``,
+    radii ``blob_radius``), zero outside; A = ``blob_amplitude``."""
+    h, w = shape
+    ys = (torch.arange(h, dtype=torch.float64) + 0.5) / h
+    xs = (torch.arange(w, dtype=torch.float64) + 0.5) / w
+    dy = (ys[None, :, None] - draws.blob_centre[:, 0, None, None]) / draws.blob_radius[:, 0, None, None]
+    dx = (xs[None, None, :] - draws.blob_centre[:, 1, None, None]) / draws.blob_radius[:, 1, None, None]
+    bump = (1.0 - (dy**2 + dx**2)).clamp(min=0.0) ** 2
+    return (draws.blob_amplitude[:, None, None] * bump)[:, None].float().to(device)
+
+
+def apply_sources(images: Tensor, augmented: Tensor, masks: Tensor, beta: Tensor,
+                  draws: SourceDraws) -> tuple[Tensor, Tensor]:
+    """Replace the texture anomaly of every sample whose ``kind`` is another source: a patch blended like a
+    texture inside the same Perlin mask, a stroke (its own mask), or a brightness change (mask: where it reaches
+    :data:`BLOB_MASK_LEVEL` of its peak). Returns (augmented, masks), new tensors."""
+    augmented, masks = augmented.clone(), masks.clone()
+    kind = draws.kind.to(images.device)
+    shape = (images.shape[-2], images.shape[-1])
+    if (kind == 1).any():
+        chosen = kind == 1
+        patched = blend(images, patch_images(images, draws), masks, beta)
+        augmented[chosen] = patched[chosen]
+    if (kind == 2).any():
+        chosen = kind == 2
+        stroke = stroke_masks(draws, shape, images.device)
+        change = draws.stroke_change.to(images.device, images.dtype)[:, None, None, None]
+        augmented[chosen] = (images + change * stroke).clamp(0.0, 1.0)[chosen]
+        masks[chosen] = stroke[chosen]
+    if (kind == 3).any():
+        chosen = kind == 3
+        field = brightness_fields(draws, shape, images.device)
+        augmented[chosen] = (images + field).clamp(0.0, 1.0)[chosen]
+        peak = draws.blob_amplitude.abs().to(images.device, images.dtype)[:, None, None, None]
+        masks[chosen] = (field.abs() >= BLOB_MASK_LEVEL * peak).float()[chosen]
+    return augmented, masks
+
+
 def synthesize_anomalies(
     images: Tensor,
     textures: TextureSource,
@@ -550,6 +721,7 @@ def synthesize_anomalies(
     max_scale_exp: int = 5,
     threshold: float = 0.5,
     match_grayscale: bool = True,
+    mix: SourceMix | None = None,
 ) -> tuple[Tensor, Tensor, Tensor]:
     """Paste a texture into each normal image of a batch inside a Perlin mask. [DeSTSeg recipe; batched: ours]
 
@@ -563,6 +735,11 @@ def synthesize_anomalies(
     ``match_grayscale``: textures pasted into a grayscale image are turned to grayscale too, so that colour alone
     never gives a synthetic anomaly away; real defects on a grayscale product are grayscale.
     [ours; DeSTSeg pastes colour textures everywhere]
+
+    ``mix`` (:class:`SourceMix`): the share of each anomaly source; None or texture only is the paper's recipe
+    above, with no further draw. Otherwise each sample's source is drawn after everything else
+    (:class:`SourceDraws`) and :func:`apply_sources` replaces the texture anomaly of the samples given another
+    source. [ours]
     """
     if images.ndim != 4 or images.shape[1] != 3:
         raise ValueError(f"synthesize_anomalies expects (B,3,H,W) images, got shape {tuple(images.shape)}")
@@ -579,4 +756,6 @@ def synthesize_anomalies(
     beta = draws.beta.to(images.device, images.dtype)[k, None]
     augmented = images.clone()
     augmented[k, :, iy, ix] = (1.0 - beta) * texture + beta * normal
+    if mix is not None and not mix.texture_only:
+        augmented, masks = apply_sources(images, augmented, masks, draws.beta, SourceDraws.draw(b, mix, generator))
     return images, augmented, masks

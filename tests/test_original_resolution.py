@@ -80,7 +80,7 @@ def test_input_resolution_is_the_default_and_unchanged(model: DMDD, root: Path) 
     record = ev.to_dict()
     assert record["metric_resolution"] == "the model's input, 64x64" and record["resolution"] == 64
     assert record["metric_resolution_setting"] == "input"
-    for metrics in (ev.metrics, ev.baseline):
+    for metrics in (ev.metrics, ev.baseline, ev.padim):
         assert list(metrics) == list(METRIC_KEYS) and all(0.0 <= v <= 1.0 for v in metrics.values())
     assert set(record["metric_keys"]) == set(METRIC_KEYS) and "not the reference" in record["metric_keys"]["aupro_per_image"]
     # What the evaluation computed before original resolution existed: the same functions on the (N,S,S) arrays.
@@ -103,7 +103,7 @@ def test_original_resolution_computes_on_each_images_own_size(
     monkeypatch.setattr(infer, "aupro", spy)
     ev = evaluate(model, root, CATEGORY, resolution="original", pro_variants=False, progress=False)
     expected = [(size, size) for size in SIZES.values()]
-    assert seen == [expected, expected]  # the model's maps, then the baseline's, each at its image's size
+    assert seen == [expected] * 3  # the model's maps, then the two baselines', each at its image's size
     assert [Path(p).relative_to(root / CATEGORY / "test").as_posix() for p in ev.predictions.paths] == list(SIZES)
 
     # The same numbers by hand: the model's 64x64 maps upsampled to each ground truth's size, masks as read.
@@ -117,7 +117,7 @@ def test_original_resolution_computes_on_each_images_own_size(
     assert ev.metrics["pixel_ap"] == pixel_ap(truth, maps)
     assert ev.metrics["aupro"] == aupro(truth, maps)
     assert ev.metrics["image_auroc"] == image_auroc(preds.labels, preds.scores)
-    assert set(ev.metrics) == set(ev.baseline) == set(METRIC_KEYS) - {"aupro_per_image", "aupro_linear_200"}
+    assert set(ev.metrics) == set(ev.baseline) == set(ev.padim) == set(METRIC_KEYS) - {"aupro_per_image", "aupro_linear_200"}
 
     # What the evaluation says about it.
     assert ev.metric_resolution == "original" and ev.resolution == 64
@@ -131,8 +131,8 @@ def test_original_resolution_computes_on_each_images_own_size(
 
 def test_original_resolution_with_the_pro_variants(model: DMDD, root: Path) -> None:
     ev = evaluate(model, root, CATEGORY, resolution="original", progress=False)
-    assert list(ev.metrics) == list(ev.baseline) == list(METRIC_KEYS)
-    assert all(0.0 <= v <= 1.0 for v in [*ev.metrics.values(), *ev.baseline.values()])
+    assert list(ev.metrics) == list(ev.baseline) == list(ev.padim) == list(METRIC_KEYS)
+    assert all(0.0 <= v <= 1.0 for v in [*ev.metrics.values(), *ev.baseline.values(), *ev.padim.values()])
 
 
 def test_validation_split_has_no_original_resolution(model: DMDD, root: Path) -> None:

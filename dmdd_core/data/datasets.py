@@ -28,7 +28,14 @@ from torch.utils.data import Dataset
 from dmdd_core.catalog import Policy
 from dmdd_core.data.loading import InputReport, load_images, load_test_items
 from dmdd_core.data.sources import GOOD, DataSource, as_source
-from dmdd_core.synthesis import TRAIN_STREAM, VALIDATION_STREAM, TextureSource, step_generator, synthesize_anomalies
+from dmdd_core.synthesis import (
+    TRAIN_STREAM,
+    VALIDATION_STREAM,
+    SourceMix,
+    TextureSource,
+    step_generator,
+    synthesize_anomalies,
+)
 
 if TYPE_CHECKING:
     from collections.abc import Iterator, Sequence
@@ -184,6 +191,7 @@ class SyntheticPairs:
         max_scale_exp: int = 5,
         threshold: float = 0.5,
         match_grayscale: bool = True,
+        mix: SourceMix | None = None,
         device: torch.device | str = "cpu",
     ) -> None:
         if images.ndim != 4 or images.shape[3] != 3 or images.dtype != np.uint8 or len(images) == 0:
@@ -201,6 +209,7 @@ class SyntheticPairs:
         self.max_scale_exp = max_scale_exp
         self.threshold = threshold
         self.match_grayscale = match_grayscale
+        self.mix = mix
 
     @classmethod
     def from_config(
@@ -224,6 +233,7 @@ class SyntheticPairs:
             max_scale_exp=cfg.perlin_max_scale_exp,
             threshold=cfg.perlin_threshold,
             match_grayscale=cfg.match_grayscale,
+            mix=SourceMix(cfg.synth_texture, cfg.synth_patch, cfg.synth_stroke, cfg.synth_brightness),
             device=device,
         )
 
@@ -253,6 +263,7 @@ class SyntheticPairs:
             max_scale_exp=self.max_scale_exp,
             threshold=self.threshold,
             match_grayscale=self.match_grayscale,
+            mix=self.mix,
         )
         return TrainPair(original, augmented, mask)
 

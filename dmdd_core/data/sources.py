@@ -6,7 +6,7 @@ Layouts (:data:`dmdd_core.catalog.DATASETS` says which dataset uses which):
 
     ROOT/<category>/train/good/*.png
     ROOT/<category>/test/<defect_type>/*.png             defect_type "good" for normal test images
-    ROOT/<category>/ground_truth/<defect_type>/<stem>_mask.png
+    ROOT/<category>/ground_truth/<defect_type>/<stem>_mask.png   (no ground_truth folder: image labels only)
 
 ``folder`` (your own images): the same, for one category whose folder is ROOT itself::
 
@@ -19,6 +19,17 @@ Layouts (:data:`dmdd_core.catalog.DATASETS` says which dataset uses which):
     ROOT/<category>/Data/Masks/Anomaly/*.png
 
 VisA's split file has no defect types: its defective images get the type "anomaly".
+
+``elpv`` (the ELPV solar-cell images of the PyPI package ``elpv-dataset``, read where the package installed them;
+image labels only, no masks)::
+
+    ROOT/labels.csv                                      lines "images/cellNNNN.png  <probability>  <mono|poly>"
+    ROOT/images/cellNNNN.png                             300 x 300 grayscale electroluminescence images
+
+ELPV's fixed split [ours]: one category per cell type (mono, poly); the cells with defect probability 0, sorted by
+name, are the normal ones: every fourth (the 4th, 8th, ...) is a good test image, the others train; the cells with
+probability 1 are the defective test images (type "defective"). Cells rated 1/3 or 2/3 are left out: their label
+is uncertain.
 
 Every listing is sorted, so the same files always come in the same order. Problems are reported with the file
 or folder concerned and what to do about it.
@@ -39,7 +50,8 @@ VISA_ANOMALY = "anomaly"
 
 
 class TestItem(NamedTuple):
-    """One test image on disk: its mask (None for good images) and defect type."""
+    """One test image on disk: its mask (None for good images, and for every image of a split with image labels
+    only) and defect type."""
 
     image: Path
     mask: Path | None
@@ -90,6 +102,11 @@ class DataSource:
 
     def test_items(self, category: str) -> list[TestItem]:
         raise NotImplementedError
+
+    def has_pixel_labels(self, category: str) -> bool:
+        """False when ``category``'s test split has image labels only (its defective images have no masks at
+        all): evaluation then reports image metrics only."""
+        return True
 
     def describe(self) -> dict[str, str]:
         """What to record in checkpoints and reports to open this source again."""
@@ -146,10 +163,16 @@ class MVTecLayout(DataSource):
             raise ValueError(f"several masks for {stem} in {gt_dir}: {sorted(p.name for p in found)}; keep one")
         return found[0] if found else None
 
+    def has_pixel_labels(self, category: str) -> bool:
+        """True when the category has a ground_truth folder: then every defective test image needs its mask."""
+        return (self.category_dir(category) / "ground_truth").is_dir()
+
     def test_items(self, category: str) -> list[TestItem]:
-        """Every test image, sorted by defect type then name. A defective image without its mask is an error
-        (its pixel labels are unknown), reported with the path the mask was expected at."""
+        """Every test image, sorted by defect type then name. Without any ground_truth folder the split has image
+        labels only (every mask None). With one, a defective image without its mask is an error (its pixel labels
+        are unknown), reported with the path the mask was expected at."""
         folder = self.category_dir(category)
+        pixel_labels = self.has_pixel_labels(category)
         test_dir = folder / "test"
         if not test_dir.is_dir():
             raise FileNotFoundError(f"no test folder {test_dir} (expected test/good and test/<defect_type>)")
@@ -158,8 +181,8 @@ class MVTecLayout(DataSource):
             gt_dir = folder / "ground_truth" / type_dir.name
             masks = self._masks_by_name(gt_dir) if type_dir.name != GOOD else {}
             for image_path in image_files(type_dir):
-                if type_dir.name == GOOD:
-                    items.append(TestItem(image_path, None, GOOD))
+                if type_dir.name == GOOD or not pixel_labels:
+                    items.append(TestItem(image_path, None, type_dir.name))
                     continue
                 mask = self.find_mask(gt_dir, image_path.stem, masks)
                 # A missing mask is reported when the item is loaded (at the path it was expected at), so that
@@ -245,8 +268,75 @@ class VisALayout(DataSource):
         return sorted(items, key=lambda it: (it.defect_type, str(it.image)))
 
 
+ELPV_PACKAGE = "elpv-dataset"
+ELPV_DEFECTIVE = "defective"
+ELPV_TEST_EVERY = 4
+"""Every fourth normal cell (by name) of a type is a good test image; the others train. [ours]"""
+
+
+def elpv_root() -> Path:
+    """The data folder of the installed ``elpv-dataset`` package (labels.csv, images/); a clear error when it is
+    not installed."""
+    try:
+        import elpv_dataset  # type: ignore[import-not-found]
+    except ImportError as err:
+        raise FileNotFoundError(
+            f"the ELPV images come from the optional package {ELPV_PACKAGE}, which is not installed: "
+            f"pip install {ELPV_PACKAGE} (or pip install -e '.[elpv]'), then use --data elpv"
+        ) from err
+    return Path(elpv_dataset.__file__).parent / "data"
+
+
+@dataclass
+class ELPVLayout(DataSource):
+    """The ELPV solar cells, one category per cell type, image labels only (see the module's docstring)."""
+
+    @property
+    def labels_path(self) -> Path:
+        return self.root / "labels.csv"
+
+    def _cells(self) -> list[tuple[str, float, str]]:
+        """(relative path, defect probability, cell type) of every line of labels.csv."""
+        if not self.labels_path.is_file():
+            raise FileNotFoundError(f"ELPV label file {self.labels_path} not found; pip install {ELPV_PACKAGE}")
+        cells = []
+        for number, line in enumerate(self.labels_path.read_text().splitlines(), 1):
+            if not line.strip():
+                continue
+            parts = line.split()
+            try:
+                cells.append((parts[0], float(parts[1]), parts[2]))
+            except (IndexError, ValueError) as err:
+                raise ValueError(f"{self.labels_path}, line {number}: expected 'path probability type', got "
+                                 f"{line!r}") from err
+        return cells
+
+    def categories(self) -> list[str]:
+        return sorted({kind for _, _, kind in self._cells()})
+
+    def _split(self, category: str) -> tuple[list[Path], list[Path], list[Path]]:
+        """(training cells, good test cells, defective test cells) of one cell type, each sorted."""
+        cells = [(path, p) for path, p, kind in self._cells() if kind == category]
+        if not cells:
+            raise self._unknown_category(category, f"no cells of that type in {self.labels_path}")
+        normal = sorted(self.root / path for path, p in cells if p == 0.0)
+        test_good = normal[ELPV_TEST_EVERY - 1 :: ELPV_TEST_EVERY]
+        train = [path for i, path in enumerate(normal) if i % ELPV_TEST_EVERY != ELPV_TEST_EVERY - 1]
+        return train, test_good, sorted(self.root / path for path, p in cells if p == 1.0)
+
+    def train_images(self, category: str) -> list[Path]:
+        return self._split(category)[0]
+
+    def test_items(self, category: str) -> list[TestItem]:
+        _, good, defective = self._split(category)
+        return [TestItem(p, None, ELPV_DEFECTIVE) for p in defective] + [TestItem(p, None, GOOD) for p in good]
+
+    def has_pixel_labels(self, category: str) -> bool:
+        return False
+
+
 def detect_kind(root: Path) -> str:
-    """Guess the layout of ``root``: ``visa`` (split_csv/1cls.csv), ``folder`` (train/good directly under it),
+    """Guess the layout of ``root``: ``visa`` (split_csv/1cls.csv), ``elpv`` (labels.csv and images/), ``folder`` (train/good directly under it),
     a known dataset name when every category belongs to it, else ``mvtec`` (the MVTec AD layout)."""
     return _detect(root)[0]
 
@@ -256,6 +346,8 @@ def _detect(root: Path) -> tuple[str, str | None]:
     own in the MVTec AD layout."""
     if (root / "split_csv").is_dir():
         return "visa", "visa"
+    if (root / "labels.csv").is_file() and (root / "images").is_dir():
+        return "elpv", "elpv"
     if (root / "train" / GOOD).is_dir():
         return "folder", None
     categories = {p.name for p in root.iterdir() if (p / "train" / GOOD).is_dir()}
@@ -289,6 +381,8 @@ def open_source(
     kind, dataset = _detect(base) if kind == "auto" else (kind, kind if kind in DATASETS else None)
     if kind == "visa":
         return VisALayout(base, kind, dataset, split_file=split_file)
+    if kind == "elpv":
+        return ELPVLayout(base, kind, dataset)
     if kind == "folder":
         return FolderLayout(base, kind, dataset, mask_suffix=mask_suffix)
     return MVTecLayout(base, kind, dataset, mask_suffix=mask_suffix)

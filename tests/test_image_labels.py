@@ -1,0 +1,118 @@
+"""Datasets with image labels only: a test split without any ground truth trains, evaluates and predicts, its pixel
+metrics absent (not zero, not an error); and the ELPV reader on a copy of the package's layout."""
+
+from __future__ import annotations
+
+import csv
+import json
+import shutil
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from conftest import make_mvtec_tree
+from PIL import Image
+
+from dmdd_core.cli import main
+from dmdd_core.data import ELPVLayout, TestDataset, elpv_root, open_source
+from dmdd_core.infer import ABSENT_PIXEL_METRICS
+
+IMAGE_METRICS = {"image_auroc", "image_f1_max"}
+
+
+@pytest.fixture()
+def image_labelled(tmp_path: Path) -> Path:
+    """A category in MVTec AD layout whose ground_truth folder is gone: image labels only."""
+    folder = make_mvtec_tree(tmp_path / "data", "part", n_train=8, defects={"good": 3, "scratch": 3}, size=(40, 40))
+    shutil.rmtree(folder / "ground_truth")
+    return tmp_path / "data"
+
+
+def test_a_split_without_ground_truth_has_image_labels_only(image_labelled: Path) -> None:
+    source = open_source(image_labelled)
+    assert not source.has_pixel_labels("part")
+    items = source.test_items("part")
+    assert [it.label for it in items] == [0, 0, 0, 1, 1, 1] and all(it.mask is None for it in items)
+    assert TestDataset(source, "part", 32).masks.sum() == 0
+
+
+def test_a_ground_truth_folder_with_a_missing_mask_stays_an_error(tmp_path: Path) -> None:
+    folder = make_mvtec_tree(tmp_path, "part", n_train=3, defects={"good": 1, "scratch": 2}, size=(40, 40))
+    (folder / "ground_truth" / "scratch" / "001_mask.png").unlink()
+    assert open_source(tmp_path).has_pixel_labels("part")
+    with pytest.raises(Exception, match=r"without a mask: expected .*001_mask\.png"):
+        TestDataset(tmp_path, "part", 32)
+
+
+def test_cli_trains_evaluates_and_predicts_with_image_labels_only(
+    image_labelled: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    run = tmp_path / "run"
+    args = ["--preset", "smoke", "--data", str(image_labelled), "--teacher", "tf_efficientnet_lite0"]
+    assert main(["train", *args, "--category", "part", "--out", str(run), "--evaluate"]) == 0
+    assert "pixel AUROC absent" in capsys.readouterr().out
+    metrics_file = tmp_path / "metrics.json"
+    assert main(["evaluate", "--checkpoint", str(run), "--json", str(metrics_file)]) == 0
+    record = json.loads(metrics_file.read_text())
+    for who in ("dmdd", "naive_baseline", "padim"):
+        assert set(record[who]) == IMAGE_METRICS, who  # absent, neither zero nor None
+        assert all(0.0 <= v <= 1.0 for v in record[who].values())
+    assert record["pixel_metrics"] == ABSENT_PIXEL_METRICS and record["num_defective"] == 3
+    assert record["padim_fit_seconds"] > 0
+    # The validation split has synthetic masks: its pixel metrics are there.
+    assert main(["evaluate", "--checkpoint", str(run), "--split", "val", "--json", str(metrics_file)]) == 0
+    assert "pixel_auroc" in json.loads(metrics_file.read_text())["dmdd"]
+    out = tmp_path / "predictions"
+    assert main(["predict", "--checkpoint", str(run), "--input", str(image_labelled / "part" / "test"),
+                 "--out", str(out)]) == 0
+    with (out / "scores.csv").open(newline="") as fh:
+        assert len(list(csv.DictReader(fh))) == 6
+
+
+# --- ELPV ----------------------------------------------------------------------------------------------------------
+def make_elpv_tree(root: Path) -> Path:
+    """labels.csv and images/ as the elpv-dataset package installs them: 14 mono cells, 6 poly cells."""
+    rng = np.random.default_rng(0)
+    (root / "images").mkdir(parents=True)
+    cells = [*[(0.0, "mono")] * 9, (1 / 3, "mono"), (2 / 3, "mono"), *[(1.0, "mono")] * 3,
+             *[(0.0, "poly")] * 4, *[(1.0, "poly")] * 2]
+    lines = []
+    for i, (probability, kind) in enumerate(cells, 1):
+        name = f"images/cell{i:04d}.png"
+        Image.fromarray(rng.integers(0, 255, (30, 30), dtype=np.uint8)).save(root / name)
+        lines.append(f"{name}  {probability!r:<20} {kind}")
+    (root / "labels.csv").write_text("\n".join(lines) + "\n")
+    return root
+
+
+def test_elpv_reader_gives_a_fixed_split_per_cell_type(tmp_path: Path) -> None:
+    root = make_elpv_tree(tmp_path / "elpv")
+    source = open_source(root)
+    assert isinstance(source, ELPVLayout) and source.kind == "elpv" and source.dataset == "elpv"
+    assert source.categories() == ["mono", "poly"] and not source.has_pixel_labels("mono")
+    train, items = source.train_images("mono"), source.test_items("mono")
+    normal = [f"cell{i:04d}.png" for i in range(1, 10)]
+    assert [p.name for p in train] == [n for i, n in enumerate(normal) if i % 4 != 3]
+    good = [it.image.name for it in items if it.label == 0]
+    assert good == ["cell0004.png", "cell0008.png"]  # every fourth normal cell, never trained on
+    assert [it.image.name for it in items if it.label == 1] == ["cell0012.png", "cell0013.png", "cell0014.png"]
+    assert all(it.mask is None for it in items)  # uncertain cells (1/3, 2/3) are in neither split
+    assert len(source.train_images("poly")) == 3 and len(source.test_items("poly")) == 3
+    test = TestDataset(source, "mono", 32)
+    assert test.images.shape == (5, 32, 32, 3)
+
+
+def test_elpv_without_the_package_says_how_to_install_it(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setitem(sys.modules, "elpv_dataset", None)  # import fails as if not installed
+    with pytest.raises(FileNotFoundError, match="pip install elpv-dataset"):
+        elpv_root()
+    with pytest.raises(SystemExit, match="--data elpv: .*pip install elpv-dataset"):
+        main(["train", "--preset", "smoke", "--dataset", "elpv"])
+
+
+def test_elpv_reader_names_a_bad_label_line(tmp_path: Path) -> None:
+    root = make_elpv_tree(tmp_path / "elpv")
+    (root / "labels.csv").write_text("images/cell0001.png  not-a-number  mono\n")
+    with pytest.raises(ValueError, match=r"labels\.csv, line 1"):
+        open_source(root).categories()
