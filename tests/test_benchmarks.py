@@ -157,3 +157,29 @@ def test_gpu_check_prediction_arithmetic_and_precisions(monkeypatch: pytest.Monk
     for capability, expected_precisions in (((7, 5), ["fp32", "fp16"]), ((9, 0), ["fp32", "bf16", "fp16"])):
         monkeypatch.setattr(torch.cuda, "get_device_capability", lambda *a, c=capability: c)
         assert check.default_precisions(torch.device("cuda")) == expected_precisions
+
+
+def test_real_data_benchmark_tables_dmdd_beside_padim_and_the_mean_image(
+    builtin_root: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    real = _load_script(SCRIPT.parent / "real_data.py")
+    monkeypatch.setenv("DMDD_DATA", str(builtin_root.parent))
+    out = tmp_path / "real"
+    argv = ["--preset", "smoke", "--datasets", "builtin", "--categories", "brick", "--seeds", "0",
+            "--teacher", "tf_efficientnet_lite0", "--out", str(out)]
+    assert real.main(argv) == 0
+    written = json.loads((out / "real_data.json").read_text())
+    rows = {r["method"]: r for r in written["rows"]}
+    assert set(rows) == {"DMDD", "PaDiM (training-free, same teacher)", "mean image"}
+    record = json.loads((out / "builtin" / "results" / "brick__seed0.json").read_text())
+    for who, method in (("dmdd", "DMDD"), ("padim", "PaDiM (training-free, same teacher)")):
+        assert rows[method]["image_auroc"][0] == pytest.approx(100 * record["evaluation"][who]["image_auroc"])
+    assert rows["DMDD"]["seconds"] == pytest.approx(record["train_seconds"])
+    assert rows["PaDiM (training-free, same teacher)"]["seconds"] == pytest.approx(record["evaluation"]["padim_fit_seconds"])
+    assert "ELPV poly never" in (out / "real_data.md").read_text()
+    # A dataset with image labels only: its pixel metrics are absent from the table, not zero.
+    image_only = {**record, "dataset": "elpv",
+                  "evaluation": {**record["evaluation"], **{who: {"image_auroc": 0.7} for who in
+                                                            ("dmdd", "padim", "naive_baseline")}}}
+    (row, *_) = real.table_rows([image_only])
+    assert row["image_auroc"] == (70.0, 0.0) and row["pixel_auroc"] is None and row["aupro"] is None
