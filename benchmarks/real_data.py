@@ -92,10 +92,19 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--categories", nargs="+", help="only these categories (of every dataset given)")
     parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
     parser.add_argument("--teacher", default="auto")
+    parser.add_argument("--set", nargs="+", default=[], metavar="FIELD=VALUE",
+                        help="config fields over the preset, e.g. synth_stroke=0.2 student_pretrained=true (JSON values)")
     parser.add_argument("--out", default="results/real_data")
     args = parser.parse_args(argv)
     out = Path(args.out)
-    cfg = DMDDConfig.preset(args.preset, teacher=args.teacher)
+    overrides = {}
+    for item in args.set:
+        field, _, value = item.partition("=")
+        try:
+            overrides[field] = json.loads(value)
+        except json.JSONDecodeError:
+            overrides[field] = value
+    cfg = DMDDConfig.preset(args.preset, teacher=args.teacher, **overrides)
     started = time.perf_counter()
     records = []
     for name in args.datasets:
@@ -111,7 +120,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 if record is not None:
                     records.append({**record, "dataset": name})
     rows = table_rows(records)
-    meta = {"preset": args.preset, "seeds": " ".join(map(str, args.seeds)), "settings chosen on": CHOSEN_ON,
+    meta = {"preset": args.preset + "".join(f", {k}={v}" for k, v in overrides.items()), "seeds": " ".join(map(str, args.seeds)), "settings chosen on": CHOSEN_ON,
             "teacher": records[0]["teacher"]["name"] if records else args.teacher,
             "input size": cfg.image_size, "machine": f"{platform.processor() or platform.machine()}, "
             f"{records[0]['device'] if records else ''}", "versions": versions(),

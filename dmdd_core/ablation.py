@@ -109,7 +109,19 @@ OUR_VARIANTS: tuple[Variant, ...] = (
     Variant("seg_normality_only", "MSN reads the normality branch only", "ours", {"seg_branches": "normality"},
             "ours: both branches (the paper's figure)"),
 )
-VARIANTS: dict[str, Variant] = {v.name: v for v in PAPER_VARIANTS + OUR_VARIANTS}
+_ALL_SOURCES = {"synth_texture": 0.4, "synth_patch": 0.2, "synth_stroke": 0.2, "synth_brightness": 0.2}
+SYNTHESIS_VARIANTS: tuple[Variant, ...] = (
+    Variant("synth_texture_only", "synthesis: textures only", "ours",
+            {**dict.fromkeys(_ALL_SOURCES, 0.0), "synth_texture": 1.0}, "ours: the preset's shares"),
+    Variant("synth_all", "synthesis: textures 0.4, patches, strokes, brightness 0.2 each", "ours", _ALL_SOURCES,
+            "ours: the preset's shares"),
+    *(Variant(f"synth_no_{name.removeprefix('synth_')}", f"synthesis: all but {name.removeprefix('synth_')}s",
+              "ours", {**_ALL_SOURCES, name: 0.0}, "ours: the preset's shares")
+      for name in ("synth_patch", "synth_stroke", "synth_brightness")),
+)
+"""The synthesis sources (METHOD.md section 1), each setting all four shares: textures alone (the paper's recipe),
+all four, and all four but one. Judge them on data that did not choose them (ELPV poly, the built-in set)."""
+VARIANTS: dict[str, Variant] = {v.name: v for v in PAPER_VARIANTS + OUR_VARIANTS + SYNTHESIS_VARIANTS}
 
 
 def select_variants(names: Sequence[str] | None = None) -> list[Variant]:

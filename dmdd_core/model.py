@@ -126,9 +126,12 @@ class Student(nn.Module):
     must rebuild normal features from a compressed code (which is what fails on anomalies).
     """
 
-    def __init__(self, teacher_channels: list[int], encoder: str = "resnet18") -> None:
+    def __init__(self, teacher_channels: list[int], encoder: str = "resnet18", pretrained: bool = False) -> None:
         super().__init__()
-        self.encoder = timm.create_model(encoder, pretrained=False, features_only=True)
+        self.encoder = timm.create_model(architecture(encoder), pretrained=False, features_only=True)
+        if pretrained:  # [ours] the encoder starts from ImageNet weights, the decoder stays random
+            state = load_classifier(encoder)[0].state_dict()
+            self.encoder.load_state_dict({k: state[k] for k in self.encoder.state_dict()})
         bottleneck = self.encoder.feature_info.channels()[-1]  # type: ignore[union-attr,operator]
         c1, c2, c3 = teacher_channels
         self.decoder4 = residual_stage(bottleneck, bottleneck)
@@ -181,7 +184,7 @@ class DecoupledStudent(nn.Module):
 
     def __init__(self, teacher_channels: list[int], cfg: DMDDConfig) -> None:
         super().__init__()
-        self.plain = Student(teacher_channels, cfg.student)
+        self.plain = Student(teacher_channels, cfg.student, cfg.student_pretrained)
         self.decouple_heads = (
             nn.ModuleList(DecoupleHead(c, cfg.decouple_hidden_mult) for c in teacher_channels)
             if cfg.decouple

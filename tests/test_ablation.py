@@ -63,6 +63,18 @@ def test_each_of_our_choices_changes_exactly_one_field_of_full_dmdd(variant: abl
     assert variant.note.startswith("ours:")
 
 
+@pytest.mark.parametrize("variant", ablation.SYNTHESIS_VARIANTS, ids=lambda v: v.name)
+def test_each_synthesis_variant_sets_the_four_shares_and_nothing_else(variant: ablation.Variant) -> None:
+    base = DMDDConfig.preset("cpu")
+    cfg = variant.config(base)
+    changed = {k for k, v in cfg.to_dict().items() if base.to_dict()[k] != v}
+    assert set(variant.overrides) == {"synth_texture", "synth_patch", "synth_stroke", "synth_brightness"}
+    assert changed <= set(variant.overrides) and variant.components == (True, True, True)
+    removed = variant.name.removeprefix("synth_no_")
+    if removed != variant.name:
+        assert getattr(cfg, f"synth_{removed}") == 0.0 and sum(variant.overrides.values()) > 0
+
+
 def test_select_variants_keeps_table_order_adds_dmdd_and_names_unknown_ones() -> None:
     chosen = select_variants(["aim_margin", "destseg"])
     assert [v.name for v in chosen] == ["destseg", REFERENCE, "aim_margin"]
