@@ -122,12 +122,16 @@ SYNTHESIS_VARIANTS: tuple[Variant, ...] = (
 """The synthesis sources (METHOD.md section 1), each setting all four shares: textures alone (the paper's recipe),
 all four, and all four but one. Judge them on data that did not choose them (ELPV poly, the built-in set)."""
 VARIANTS: dict[str, Variant] = {v.name: v for v in PAPER_VARIANTS + OUR_VARIANTS + SYNTHESIS_VARIANTS}
+DEFAULT_VARIANTS: tuple[Variant, ...] = PAPER_VARIANTS + OUR_VARIANTS
+"""What an ablation runs unless variants are named: the synthesis variants are asked for by name
+(``--variants synth_all synth_no_patch ...``)."""
 
 
 def select_variants(names: Sequence[str] | None = None) -> list[Variant]:
-    """Variants by name, in table order (all when ``names`` is None); full DMDD is always included."""
+    """Variants by name, in table order (those of :data:`DEFAULT_VARIANTS` when ``names`` is None); full DMDD is
+    always included."""
     if names is None:
-        return list(VARIANTS.values())
+        return list(DEFAULT_VARIANTS)
     unknown = sorted(set(names) - set(VARIANTS))
     if unknown:
         raise ValueError(f"unknown variant(s) {unknown}; known: {', '.join(VARIANTS)}")
@@ -261,9 +265,19 @@ def reading(diff: Mapping[str, Any] | None, alpha: float = 0.05) -> str:
     return "higher" if diff["mean"] > 0 else "lower"
 
 
+DELTA_METRICS: tuple[str, ...] = ("image_auroc", "pixel_auroc", "aupro")
+"""The metrics with a Δ column and a reading; pixel AUROC and AUPRO are absent on image-label-only data."""
+
+
 def _readings(row: Mapping[str, Any], against: str) -> str:
-    pixel, pro = reading(row["pixel_auroc"][against]), reading(row["aupro"][against])
-    return pixel if pixel == pro else f"pixel AUROC {pixel}; AUPRO {pro}"
+    found = {label(k): reading(row[k][against]) for k in DELTA_METRICS if row[k]["mean"] is not None}
+    if len(set(found.values())) <= 1:
+        return next(iter(found.values()), "–")
+    return "; ".join(f"{name} {text}" for name, text in found.items())
+
+
+def _deltas(row: Mapping[str, Any], against: str) -> str:
+    return " | ".join(_delta(row[k][against]) for k in DELTA_METRICS)
 
 
 def _delta(diff: Mapping[str, Any] | None) -> str:
@@ -285,9 +299,9 @@ def ablation_markdown(rows: Sequence[Mapping[str, Any]], meta: Mapping[str, Any]
     tick = {True: "✓", False: ""}
     heads = [label(k) for k in ABLATION_METRICS]
     lines += ["## In the paper's form (percent, mean ± std over seeds; Δ: against the DeSTSeg baseline)", "",
-              "| variant | decoupling | AIM | MSN | " + " | ".join(heads)
-              + " | Δ pixel AUROC vs DeSTSeg | Δ AUPRO vs DeSTSeg | reading |",
-              "|---|:-:|:-:|:-:|" + "---|" * (len(heads) + 3)]
+              "| variant | decoupling | AIM | MSN | " + " | ".join(heads) + " | "
+              + " | ".join(f"Δ {label(k)} vs DeSTSeg" for k in DELTA_METRICS) + " | reading |",
+              "|---|:-:|:-:|:-:|" + "---|" * (len(heads) + len(DELTA_METRICS) + 1)]
     for r in rows:
         if r["group"] != "paper":
             continue
@@ -295,19 +309,18 @@ def ablation_markdown(rows: Sequence[Mapping[str, Any]], meta: Mapping[str, Any]
         d, a, m = r["components"]
         cells = [stat_text(r[k]["mean"], n) for k in ABLATION_METRICS]
         lines.append(f"| {r['label']} | {tick[d]} | {tick[a]} | {tick[m]} | " + " | ".join(cells)
-                     + f" | {_delta(r['pixel_auroc']['vs_destseg'])} | {_delta(r['aupro']['vs_destseg'])} | "
-                     + _readings(r, "vs_destseg") + " |")
+                     + f" | {_deltas(r, 'vs_destseg')} | " + _readings(r, "vs_destseg") + " |")
     ours = [r for r in rows if r["group"] == "ours"]
     if ours:
         lines += ["", "## Our own choices, one change each from full DMDD (percent)", "",
-                  "| change | default | " + " | ".join(heads) + " | Δ pixel AUROC vs DMDD | Δ AUPRO vs DMDD | reading |",
-                  "|---|---|" + "---|" * (len(heads) + 3)]
+                  "| change | default | " + " | ".join(heads) + " | "
+                  + " | ".join(f"Δ {label(k)} vs DMDD" for k in DELTA_METRICS) + " | reading |",
+                  "|---|---|" + "---|" * (len(heads) + len(DELTA_METRICS) + 1)]
         for r in ours:
             n = len(r["seeds"])
             cells = [stat_text(r[k]["mean"], n) for k in ABLATION_METRICS]
             lines.append(f"| {r['label']} | {r['note'].removeprefix('ours: ')} | " + " | ".join(cells)
-                         + f" | {_delta(r['pixel_auroc']['vs_dmdd'])} | {_delta(r['aupro']['vs_dmdd'])} | "
-                         + _readings(r, "vs_dmdd") + " |")
+                         + f" | {_deltas(r, 'vs_dmdd')} | " + _readings(r, "vs_dmdd") + " |")
     if baselines:
         lines += ["", "## The baselines on the same test splits (percent; no training)", "",
                   "| baseline | " + " | ".join(heads) + " | fit s per category |", "|---|" + "---|" * (len(heads) + 1),
@@ -402,7 +415,8 @@ def _csv(rows: Sequence[Mapping[str, Any]]) -> str:
     writer.writerow(["variant", "group", "seed"] + [key for key in ABLATION_METRICS])
     for r in rows:
         for seed in r["seeds"]:
-            writer.writerow([r["name"], r["group"], seed] + [f"{r[k]['per_seed'][seed]:.4f}" for k in ABLATION_METRICS])
+            values = [r[k]["per_seed"].get(seed) for k in ABLATION_METRICS]  # absent: image labels only
+            writer.writerow([r["name"], r["group"], seed] + ["" if v is None else f"{v:.4f}" for v in values])
     return buffer.getvalue()
 
 

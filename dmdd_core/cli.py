@@ -87,11 +87,12 @@ def _config(args: argparse.Namespace) -> DMDDConfig:
             overrides[switch] = value
     preset = args.preset
     if preset == AUTO_PRESET:
-        import torch
+        from .train import select_device
 
-        preset = "paper" if torch.cuda.is_available() else "cpu"
-        print(f"preset: {preset} ({'a CUDA GPU' if preset == 'paper' else 'no GPU'} found; --preset chooses another)",
-              file=sys.stderr)
+        on_gpu = select_device(overrides.get("device", "auto")).type == "cuda"
+        preset = "paper" if on_gpu else "cpu"
+        print(f"preset: {preset} ({'training on a CUDA GPU' if on_gpu else 'no GPU found or chosen'}; --preset "
+              "chooses another)", file=sys.stderr)
     try:
         return DMDDConfig.preset(preset, **overrides)
     except ValueError as err:

@@ -31,7 +31,15 @@ import torch
 
 from .config import DMDDConfig
 from .data import DataSource
-from .protocol import AUPRO_DEFINITION, CHECKPOINT_RULE, FPR_LIMIT, RESOLUTIONS, THRESHOLD_RULE
+from .protocol import (
+    AUPRO_DEFINITION,
+    CHECKPOINT_RULE,
+    FPR_LIMIT,
+    HEADLINE_METRICS,
+    RESOLUTIONS,
+    THRESHOLD_RULE,
+    label,
+)
 from .train import RESUMABLE_DIFFERENCES, atomic_write_text, config_differences
 
 RESULTS_DIR = "results"
@@ -281,11 +289,13 @@ def run_jobs(jobs: Sequence[Job], source: DataSource, *, resolution: str = "inpu
         records.append(run_task(job, source, teacher=teacher, resolution=resolution, pro_variants=pro_variants,
                                 resume=resume, skip_bad=skip_bad, rank=rank, progress=progress))
         spent.append(time.perf_counter() - started)
-        m = records[-1]["evaluation"]["dmdd"]
+        ev = records[-1]["evaluation"]
         left = np.mean(spent) * (len(todo) - i) / 60
-        print(f"{rank.tag}[{i}/{len(todo)}] {job.label}: image AUROC {100 * m['image_auroc']:.2f}, pixel AUROC "
-              f"{100 * m['pixel_auroc']:.2f}, AUPRO {100 * m['aupro']:.2f} ({spent[-1]:.0f} s; about {left:.0f} "
-              "min left)", flush=True)
+        figures = ", ".join(f"{label(k)} {100 * ev['dmdd'][k]:.2f}" + (f" (PaDiM {100 * ev['padim'][k]:.2f})"
+                                                                       if k in ev.get("padim", {}) else "")
+                            for k in HEADLINE_METRICS if k in ev["dmdd"])
+        print(f"{rank.tag}[{i}/{len(todo)}] {job.label}: {figures} ({spent[-1]:.0f} s; about {left:.0f} min left)",
+              flush=True)
     return records
 
 

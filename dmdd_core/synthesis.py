@@ -548,8 +548,8 @@ PATCH_SCALE: tuple[float, float] = (0.5, 2.0)
 PATCH_GAIN: tuple[float, float] = (0.6, 1.4)
 """Brightness gain of a pasted patch; an offset U(-PATCH_OFFSET, PATCH_OFFSET) is added."""
 PATCH_OFFSET: float = 0.15
-STROKE_WIDTHS: tuple[int, ...] = (1, 2, 3)
-"""Stroke widths in pixels at 256 x 256 (scaled with the image side)."""
+STROKE_WIDTHS: tuple[int, ...] = (1, 3, 5)
+"""Stroke widths in pixels at 256 x 256; scaled with the image side and rounded to an odd number (at least 1)."""
 STROKE_CONTRAST: tuple[float, float] = (0.2, 0.6)
 """How much a stroke darkens or brightens the pixels it covers."""
 BLOB_RADIUS: tuple[float, float] = (0.15, 0.45)
@@ -664,11 +664,11 @@ def stroke_masks(draws: SourceDraws, shape: tuple[int, int], device: torch.devic
     masks.scatter_(1, rows * w + cols, 1.0)
     masks = masks.view(b, 1, h, w)
     widths = (draws.stroke_width.double() * max(h, w) / 256).round().clamp_(min=1).long()
+    widths += 1 - widths % 2  # odd, so the max filter is centred on the curve
     for width in widths.unique().tolist():
-        chosen = widths == width
-        if width > 1:  # an odd kernel of 2*(width//2)+1 pixels: widths 2 and 3 both give 3 at 256^2
-            kernel = 2 * (width // 2) + 1
-            masks[chosen] = F.max_pool2d(masks[chosen], kernel, stride=1, padding=kernel // 2)
+        if width > 1:
+            chosen = widths == width
+            masks[chosen] = F.max_pool2d(masks[chosen], width, stride=1, padding=width // 2)
     return masks.to(device)
 
 

@@ -251,7 +251,10 @@ def model_from_state(state: dict[str, Any]) -> DMDD:
     """The model saved in a checkpoint dict; the teacher is rebuilt from the saved weights, not downloaded."""
     teacher = Teacher(state["teacher"]["name"], pretrained=False)
     teacher.source = state["teacher"]["source"]
-    model = DMDD(DMDDConfig.from_dict(state["config"]), teacher=teacher)
+    cfg = DMDDConfig.from_dict(state["config"])
+    # Every weight comes from the checkpoint: a pretrained student's encoder is not fetched again.
+    model = DMDD(cfg.replace(student_pretrained=False), teacher=teacher)
+    model.cfg = cfg
     model.load_state_dict(state["model"])
     model.training_precision = str(state.get("precision") or legacy_precision(state["config"]))
     return model

@@ -78,7 +78,9 @@ def test_each_synthesis_variant_sets_the_four_shares_and_nothing_else(variant: a
 def test_select_variants_keeps_table_order_adds_dmdd_and_names_unknown_ones() -> None:
     chosen = select_variants(["aim_margin", "destseg"])
     assert [v.name for v in chosen] == ["destseg", REFERENCE, "aim_margin"]
-    assert [v.name for v in select_variants()] == list(VARIANTS)
+    assert [v.name for v in select_variants()] == [v.name for v in ablation.DEFAULT_VARIANTS]
+    assert not {v.name for v in select_variants()} & {v.name for v in ablation.SYNTHESIS_VARIANTS}
+    assert [v.name for v in select_variants(["synth_all"])] == [REFERENCE, "synth_all"]
     with pytest.raises(ValueError, match="no_such_variant"):
         select_variants(["no_such_variant"])
 

@@ -34,9 +34,10 @@ def test_cli_chooses_the_cpu_preset_without_a_gpu_and_paper_with_one(monkeypatch
     for command in ("train", "benchmark", "ablate"):
         monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
         assert _config(parser.parse_args([command])).preset_name == "cpu"
-        assert "preset: cpu (no GPU found" in capsys.readouterr().err
+        assert "preset: cpu (no GPU found or chosen" in capsys.readouterr().err
         monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
         assert _config(parser.parse_args([command])).preset_name == "paper"
+        assert _config(parser.parse_args([command, "--device", "cpu"])).preset_name == "cpu"
     assert _config(parser.parse_args(["quickstart"])).preset_name == "fast"  # a first look stays short
     assert _config(parser.parse_args(["train", "--preset", "fast"])).preset_name == "fast"
 
@@ -52,3 +53,25 @@ def test_a_pretrained_student_encoder_starts_from_the_teachers_weights() -> None
     assert len(shared) > 50
     assert all(torch.equal(encoder[k], classifier[k]) for k in shared)
     assert not torch.equal(random.encoder.state_dict()["conv_stem.weight"], classifier["conv_stem.weight"])
+
+
+def test_a_pretrained_students_checkpoint_loads_without_its_weight_source(monkeypatch: pytest.MonkeyPatch) -> None:
+    import dmdd_core.model as model_module
+    from dmdd_core.train import model_from_state
+    from dmdd_core.weights import TeacherWeightsUnavailable
+
+    teacher = Teacher("tf_efficientnet_lite0")
+    cfg = DMDDConfig.preset("smoke", teacher="tf_efficientnet_lite0", student="tf_efficientnet_lite0",
+                            student_pretrained=True)
+    model = DMDD(cfg, teacher)
+    state = {"teacher": {"name": teacher.name, "source": teacher.source}, "config": cfg.to_dict(),
+             "model": model.state_dict()}
+
+    def unavailable(*args: object, **kwargs: object) -> None:
+        raise TeacherWeightsUnavailable("offline")
+
+    monkeypatch.setattr(model_module, "load_classifier", unavailable)
+    loaded = model_from_state(state)
+    assert loaded.cfg.student_pretrained  # the run's config, as trained
+    saved = model.state_dict()
+    assert all(torch.equal(v, saved[k]) for k, v in loaded.state_dict().items())

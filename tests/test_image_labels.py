@@ -116,3 +116,22 @@ def test_elpv_reader_names_a_bad_label_line(tmp_path: Path) -> None:
     (root / "labels.csv").write_text("images/cell0001.png  not-a-number  mono\n")
     with pytest.raises(ValueError, match=r"labels\.csv, line 1"):
         open_source(root).categories()
+
+
+def test_quickstart_and_benchmark_tables_say_pixel_metrics_are_absent(
+    image_labelled: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    out = tmp_path / "quick"
+    args = ["--preset", "smoke", "--data", str(image_labelled), "--teacher", "tf_efficientnet_lite0", "--out", str(out)]
+    assert main(["quickstart", *args]) == 0
+    printed = capsys.readouterr().out
+    progress = next(line for line in printed.splitlines() if "[1/1]" in line)
+    assert "image AUROC" in progress and "PaDiM" in progress and "pixel AUROC" not in progress
+    table = (out / "quickstart.md").read_text()
+    row = next(line for line in table.splitlines() if line.startswith("| part |"))
+    cells = [c.strip() for c in row.strip("|").split("|")]
+    assert cells[1:4] != ["–"] * 3 and cells[4:7] == ["–"] * 3  # image AUROC of all three; pixel AUROC absent
+    results = (out / "results.md").read_text()
+    assert "absent, the test split has image labels only" in results
+    per_seed = (out / "results_per_seed.csv").read_text().splitlines()
+    assert per_seed[0].split(",")[:3] == ["category", "seed", "image_auroc"] and ",," in per_seed[1]

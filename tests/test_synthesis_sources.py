@@ -77,8 +77,12 @@ def test_strokes_are_thin_connected_curves_dark_or_bright() -> None:
     draws = _draws(n)
     masks = stroke_masks(draws, (side, side))
     assert set(masks.unique().tolist()) <= {0.0, 1.0}
-    area = masks.flatten(1).mean(1).numpy()
-    assert area.min() > 0 and area.max() < 0.03  # thin: at most a few percent of the image
+    # Thin: no more pixels than the width times the curve's length (at most the control polygon's) and a bit.
+    points = draws.stroke_points * side
+    polygon = (points[:, 1] - points[:, 0]).norm(dim=1) + (points[:, 2] - points[:, 1]).norm(dim=1)
+    width = draws.stroke_width.double()
+    pixels = masks.flatten(1).sum(1).double()
+    assert pixels.min() > 0 and torch.all(pixels <= width * (1.5 * polygon + width + 2))
     eight = np.ones((3, 3))
     assert all(ndimage.label(m[0].numpy(), structure=eight)[1] == 1 for m in masks)  # one connected curve each
     # Wider strokes cover more pixels per curve: the area ratio of width 3 (kernel 3) to width 1 along the same curve.
