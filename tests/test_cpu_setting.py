@@ -19,6 +19,7 @@ def test_cpu_preset_keeps_every_component_at_the_papers_input_size() -> None:
     changed = {k for k in paper if paper[k] != cpu[k]} - {"preset_name"}
     assert changed == CPU_CHANGES
     assert cpu["image_size"] == 256 and cpu["decouple"] and cpu["aim"] and cpu["msn"]
+    assert cpu["synth_texture"] == 1.0 and not cpu["student_pretrained"]
 
 
 def test_the_paper_preset_is_still_the_method_card() -> None:

@@ -72,35 +72,38 @@ def test_cli_trains_evaluates_and_predicts_with_image_labels_only(
 
 # --- ELPV ----------------------------------------------------------------------------------------------------------
 def make_elpv_tree(root: Path) -> Path:
-    """labels.csv and images/ as the elpv-dataset package installs them: 14 mono cells, 6 poly cells."""
+    """labels.csv and images/ as the elpv-dataset package installs them: four blocks of 60 cells (two modules of
+    mono cells, then two of poly), in each block every fifth cell rated 1, the next 1/3, the others 0."""
     rng = np.random.default_rng(0)
     (root / "images").mkdir(parents=True)
-    cells = [*[(0.0, "mono")] * 9, (1 / 3, "mono"), (2 / 3, "mono"), *[(1.0, "mono")] * 3,
-             *[(0.0, "poly")] * 4, *[(1.0, "poly")] * 2]
     lines = []
-    for i, (probability, kind) in enumerate(cells, 1):
-        name = f"images/cell{i:04d}.png"
-        Image.fromarray(rng.integers(0, 255, (30, 30), dtype=np.uint8)).save(root / name)
-        lines.append(f"{name}  {probability!r:<20} {kind}")
+    for line in range(240):
+        probability = {0: 1.0, 1: 1 / 3}.get(line % 5, 0.0)
+        name = f"images/cell{line + 1:04d}.png"
+        Image.fromarray(rng.integers(0, 255, (8, 8), dtype=np.uint8)).save(root / name)
+        lines.append(f"{name}  {probability!r:<20} {'mono' if line < 120 else 'poly'}")
     (root / "labels.csv").write_text("\n".join(lines) + "\n")
     return root
 
 
-def test_elpv_reader_gives_a_fixed_split_per_cell_type(tmp_path: Path) -> None:
+def test_elpv_reader_gives_a_fixed_split_per_cell_type_from_separate_modules(tmp_path: Path) -> None:
     root = make_elpv_tree(tmp_path / "elpv")
     source = open_source(root)
     assert isinstance(source, ELPVLayout) and source.kind == "elpv" and source.dataset == "elpv"
     assert source.categories() == ["mono", "poly"] and not source.has_pixel_labels("mono")
-    train, items = source.train_images("mono"), source.test_items("mono")
-    normal = [f"cell{i:04d}.png" for i in range(1, 10)]
-    assert [p.name for p in train] == [n for i, n in enumerate(normal) if i % 4 != 3]
-    good = [it.image.name for it in items if it.label == 0]
-    assert good == ["cell0004.png", "cell0008.png"]  # every fourth normal cell, never trained on
-    assert [it.image.name for it in items if it.label == 1] == ["cell0012.png", "cell0013.png", "cell0014.png"]
-    assert all(it.mask is None for it in items)  # uncertain cells (1/3, 2/3) are in neither split
-    assert len(source.train_images("poly")) == 3 and len(source.test_items("poly")) == 3
+
+    def cells(lines: range, rated: float) -> list[str]:
+        return [f"cell{i + 1:04d}.png" for i in lines if {0: 1.0, 1: 1 / 3}.get(i % 5, 0.0) == rated]
+
+    for category, train_block, test_block in (("mono", range(0, 60), range(60, 120)),
+                                              ("poly", range(120, 180), range(180, 240))):
+        train, items = source.train_images(category), source.test_items(category)
+        assert [p.name for p in train] == cells(train_block, 0.0)  # normal cells of the training module only
+        assert [it.image.name for it in items if it.label == 0] == cells(test_block, 0.0)
+        assert [it.image.name for it in items if it.label == 1] == cells(test_block, 1.0)  # never 1/3
+        assert all(it.mask is None for it in items) and all(it.defect_type == "defective" for it in items if it.label)
     test = TestDataset(source, "mono", 32)
-    assert test.images.shape == (5, 32, 32, 3)
+    assert test.images.shape == (len(cells(range(60, 120), 0.0)) + len(cells(range(60, 120), 1.0)), 32, 32, 3)
 
 
 def test_elpv_without_the_package_says_how_to_install_it(monkeypatch: pytest.MonkeyPatch) -> None:

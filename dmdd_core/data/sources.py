@@ -26,10 +26,12 @@ image labels only, no masks)::
     ROOT/labels.csv                                      lines "images/cellNNNN.png  <probability>  <mono|poly>"
     ROOT/images/cellNNNN.png                             300 x 300 grayscale electroluminescence images
 
-ELPV's fixed split [ours]: one category per cell type (mono, poly); the cells with defect probability 0, sorted by
-name, are the normal ones: every fourth (the 4th, 8th, ...) is a good test image, the others train; the cells with
-probability 1 are the defective test images (type "defective"). Cells rated 1/3 or 2/3 are left out: their label
-is uncertain.
+ELPV's fixed split [ours]: one category per cell type (mono, poly). The cells were cut from 60-cell solar modules
+and labels.csv lists them module by module, so a block of 60 consecutive lines stands for one module; train and
+test come from different blocks, so no test cell has a neighbour from its own module in training. Odd blocks
+(lines 61-120, 181-240, ...) are the test modules: their cells with defect probability 0 are the good test
+images, those with probability 1 the defective ones (type "defective"). The probability-0 cells of even blocks
+train. Cells rated 1/3 or 2/3 are left out: their label is uncertain.
 
 Every listing is sorted, so the same files always come in the same order. Problems are reported with the file
 or folder concerned and what to do about it.
@@ -270,8 +272,8 @@ class VisALayout(DataSource):
 
 ELPV_PACKAGE = "elpv-dataset"
 ELPV_DEFECTIVE = "defective"
-ELPV_TEST_EVERY = 4
-"""Every fourth normal cell (by name) of a type is a good test image; the others train. [ours]"""
+ELPV_MODULE_CELLS = 60
+"""Lines of labels.csv per block: ELPV's modules have 60 cells, listed one module after the other. [ours]"""
 
 
 def elpv_root() -> Path:
@@ -315,14 +317,22 @@ class ELPVLayout(DataSource):
         return sorted({kind for _, _, kind in self._cells()})
 
     def _split(self, category: str) -> tuple[list[Path], list[Path], list[Path]]:
-        """(training cells, good test cells, defective test cells) of one cell type, each sorted."""
-        cells = [(path, p) for path, p, kind in self._cells() if kind == category]
+        """(training cells, good test cells, defective test cells) of one cell type, each sorted: the test cells
+        from the odd blocks of :data:`ELPV_MODULE_CELLS` lines, the training cells from the even ones."""
+        train, good, defective = [], [], []
+        cells = [(line, path, p) for line, (path, p, kind) in enumerate(self._cells()) if kind == category]
         if not cells:
             raise self._unknown_category(category, f"no cells of that type in {self.labels_path}")
-        normal = sorted(self.root / path for path, p in cells if p == 0.0)
-        test_good = normal[ELPV_TEST_EVERY - 1 :: ELPV_TEST_EVERY]
-        train = [path for i, path in enumerate(normal) if i % ELPV_TEST_EVERY != ELPV_TEST_EVERY - 1]
-        return train, test_good, sorted(self.root / path for path, p in cells if p == 1.0)
+        for line, path, p in cells:
+            test = (line // ELPV_MODULE_CELLS) % 2 == 1
+            if p == 0.0:
+                (good if test else train).append(self.root / path)
+            elif p == 1.0 and test:
+                defective.append(self.root / path)
+        if not train or not good or not defective:
+            raise ValueError(f"{self.labels_path}: the {category} cells give {len(train)} training, {len(good)} good "
+                             f"and {len(defective)} defective test images; each split needs at least one")
+        return sorted(train), sorted(good), sorted(defective)
 
     def train_images(self, category: str) -> list[Path]:
         return self._split(category)[0]
