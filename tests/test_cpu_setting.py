@@ -10,8 +10,9 @@ from dmdd_core.cli import _config, build_parser
 from dmdd_core.config import PRESETS, DMDDConfig
 from dmdd_core.model import DMDD, Teacher
 
-CPU_CHANGES = {"stage1_steps", "stage2_steps", "batch_size", "seg_channels", "checkpoint_every"}
-"""The only fields the cpu preset changes: budget and width, never a component of the method."""
+CPU_CHANGES = {"stage1_steps", "stage2_steps", "batch_size", "seg_channels", "checkpoint_every", "student",
+               "student_pretrained"}
+"""The only fields the cpu preset changes: budget, width and the student's start, never a component of the method."""
 
 
 def test_cpu_preset_keeps_every_component_at_the_papers_input_size() -> None:
@@ -19,7 +20,7 @@ def test_cpu_preset_keeps_every_component_at_the_papers_input_size() -> None:
     changed = {k for k in paper if paper[k] != cpu[k]} - {"preset_name"}
     assert changed == CPU_CHANGES
     assert cpu["image_size"] == 256 and cpu["decouple"] and cpu["aim"] and cpu["msn"]
-    assert cpu["synth_texture"] == 1.0 and not cpu["student_pretrained"]
+    assert cpu["synth_texture"] == 1.0 and cpu["student_pretrained"]
 
 
 def test_the_paper_preset_is_still_the_method_card() -> None:
