@@ -319,7 +319,9 @@ class ELPVLayout(DataSource):
     def _split(self, category: str) -> tuple[list[Path], list[Path], list[Path]]:
         """(training cells, good test cells, defective test cells) of one cell type, each sorted: the test cells
         from the odd blocks of :data:`ELPV_MODULE_CELLS` lines, the training cells from the even ones."""
-        train, good, defective = [], [], []
+        train: list[Path] = []
+        good: list[Path] = []
+        defective: list[Path] = []
         cells = [(line, path, p) for line, (path, p, kind) in enumerate(self._cells()) if kind == category]
         if not cells:
             raise self._unknown_category(category, f"no cells of that type in {self.labels_path}")
