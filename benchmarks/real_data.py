@@ -16,6 +16,7 @@ Run::
     python benchmarks/real_data.py                                   # both datasets, seeds 0 1 2, preset cpu
     python benchmarks/real_data.py --datasets elpv --categories mono --seeds 0
     python benchmarks/real_data.py --preset smoke --datasets builtin --categories brick --seeds 0   # seconds
+    python benchmarks/real_data.py --report                          # the tables of what has finished
 
 It writes ``OUT/<dataset>/`` (each the benchmark's results.md, results.csv, figures) and ``OUT/real_data.md`` /
 ``OUT/real_data.json``: per dataset and category, DMDD, PaDiM and the mean image, each metric as mean ± std over
@@ -73,7 +74,43 @@ def table_rows(records: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
     return rows
 
 
-def markdown(rows: Sequence[dict[str, Any]], meta: dict[str, Any]) -> str:
+DIAGNOSIS = {
+    "validation": "validation split (synthetic anomalies), DMDD",
+    "dmdd": "test, DMDD (segmentation output)",
+    "normality": "test, normality discrepancy",
+    "abnormality": "test, abnormality discrepancy",
+}
+"""The columns of the table that tells what limits DMDD: image AUROC on the validation split against the test
+split, and on the test split the model's output against the student's raw maps
+(:data:`dmdd_core.infer.BRANCHES`). A high validation figure with a low test figure: the synthetic anomalies do not
+resemble the real ones. Raw maps as low as the output: the student is a weak model of normality. Raw maps well
+above the output: the segmentation network reads them badly."""
+
+
+def diagnosis_rows(records: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Per (dataset, category): each :data:`DIAGNOSIS` column as mean ± std over the seeds that recorded it
+    (percent; results written before the raw maps were scored lack those columns) and the number of such seeds."""
+    groups: dict[tuple[str, str], list[dict[str, Any]]] = {}
+    for r in records:
+        groups.setdefault((r["dataset"], r["category"]), []).append(r)
+    rows = []
+    for (dataset, category), group in groups.items():
+        row: dict[str, Any] = {"dataset": dataset, "category": category}
+        for key in DIAGNOSIS:
+            if key == "validation":
+                values = [(r.get("validation") or {}).get("image_auroc") for r in group]
+            elif key == "dmdd":
+                values = [r["evaluation"]["dmdd"]["image_auroc"] for r in group]
+            else:
+                values = [r["evaluation"].get("branch_image_auroc", {}).get(key) for r in group]
+            present = [100 * v for v in values if v is not None]
+            row[key] = (mean_std(present), len(present)) if present else None
+        rows.append(row)
+    return rows
+
+
+def markdown(rows: Sequence[dict[str, Any]], meta: dict[str, Any],
+             diagnosis: Sequence[dict[str, Any]] = ()) -> str:
     lines = ["# DMDD on real images, beside PaDiM and the mean-image baseline", ""]
     lines += [f"- {k}: {v}" for k, v in meta.items()] + [""]
     head = ["dataset", "category", "method", "train or fit s", *map(label, HEADLINE_METRICS)]
@@ -82,6 +119,13 @@ def markdown(rows: Sequence[dict[str, Any]], meta: dict[str, Any]) -> str:
     lines += markdown_table(head, body)
     lines += ["", "Percent, mean ± std over the seeds. '–': absent (ELPV has image labels only; the mean image "
               "needs no fitting worth timing)."]
+    if diagnosis:
+        lines += ["", "## What limits DMDD", "", "Image AUROC, percent, mean ± std over the seeds that recorded it "
+                  "(their number in brackets)."]
+        body = [[r["dataset"], r["category"],
+                 *("–" if r[k] is None else f"{stat_text(r[k][0], r[k][1])} ({r[k][1]})" for k in DIAGNOSIS)]
+                for r in diagnosis]
+        lines += [""] + markdown_table(["dataset", "category", *DIAGNOSIS.values()], body)
     return "\n".join(lines) + "\n"
 
 
@@ -95,6 +139,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--set", nargs="+", default=[], metavar="FIELD=VALUE",
                         help="config fields over the preset, e.g. synth_stroke=0.2 student_pretrained=true (JSON values)")
     parser.add_argument("--out", default="results/real_data")
+    parser.add_argument("--report", action="store_true",
+                        help="train nothing: write the tables from the results already under --out")
     args = parser.parse_args(argv)
     out = Path(args.out)
     overrides = {}
@@ -112,23 +158,25 @@ def main(argv: Sequence[str] | None = None) -> int:
         categories = [c for c in source.categories() if not args.categories or c in args.categories]
         if not categories:
             continue
-        run_benchmark(cfg, source, out / name, categories=categories, seeds=args.seeds, pro_variants=False,
-                      show=False)
+        if not args.report:
+            run_benchmark(cfg, source, out / name, categories=categories, seeds=args.seeds, pro_variants=False,
+                          show=False)
         for category in categories:
             for seed in args.seeds:
                 record = load_result(out / name / RESULTS_DIR / f"{Task(category, seed).key}.json")
                 if record is not None:
                     records.append({**record, "dataset": name})
     rows = table_rows(records)
-    meta = {"preset": args.preset + "".join(f", {k}={v}" for k, v in overrides.items()), "seeds": " ".join(map(str, args.seeds)), "settings chosen on": CHOSEN_ON,
+    meta = {"preset": args.preset + "".join(f", {k}={v}" for k, v in overrides.items()), "seeds": " ".join(map(str, sorted({r["seed"] for r in records}))), "settings chosen on": CHOSEN_ON,
             "teacher": records[0]["teacher"]["name"] if records else args.teacher,
             "input size": cfg.image_size, "machine": f"{platform.processor() or platform.machine()}, "
             f"{records[0]['device'] if records else ''}", "versions": versions(),
             "wall time of this call": f"{time.perf_counter() - started:.0f} s"}
-    text = markdown(rows, meta)
+    diagnosis = diagnosis_rows(records)
+    text = markdown(rows, meta, diagnosis)
     out.mkdir(parents=True, exist_ok=True)
     (out / "real_data.md").write_text(text)
-    (out / "real_data.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
+    (out / "real_data.json").write_text(json.dumps({"meta": meta, "rows": rows, "diagnosis": diagnosis}, indent=1))
     print(text)
     print(f"written {out / 'real_data.md'} and real_data.json", file=sys.stderr)
     return 0

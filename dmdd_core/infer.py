@@ -52,7 +52,7 @@ from .metrics import (
     image_auroc,
     pixel_metrics,
 )
-from .model import DMDD
+from .model import DMDD, top_k_score
 from .padim import PaDiM
 from .protocol import (
     AUPRO_DEFINITION,
@@ -86,6 +86,17 @@ class Predictions:
     """(N,) int, 1 = defective."""
     paths: list[str]
     defect_types: list[str]
+    branch_scores: dict[str, np.ndarray] = field(default_factory=dict)
+    """(N,) image scores of the student's raw discrepancy maps, by :data:`BRANCHES` key: the mean of the top-k
+    pixels of each map, k as the model's own score. They show whether the student or the segmentation network
+    limits a model (:attr:`Evaluation.branches`)."""
+
+
+BRANCHES: dict[str, str] = {
+    "normality": "normality discrepancy 1 - cos(T, F_n), before the segmentation network",
+    "abnormality": "abnormality discrepancy 1 - cos(T, F_a), before the segmentation network",
+}
+"""The student's raw maps whose image scores :func:`predict_dataset` records beside the model's own."""
 
 
 @torch.no_grad()
@@ -102,13 +113,21 @@ def predict_dataset(model: DMDD, dataset: LabelledDataset, batch_size: int = 16,
     from tqdm.auto import tqdm
 
     maps, scores, masks, labels, paths, types = [], [], [], [], [], []
+    branch_scores: dict[str, list[np.ndarray]] = {}
+    device = next(model.parameters()).device
+    model.eval()
     # An explicit generator: the loader then draws nothing from the global random state, so checking the
     # validation split during training never changes the training's random stream (nor its result).
     loader = DataLoader(dataset, batch_size=batch_size, shuffle=False, generator=torch.Generator())
     for batch in tqdm(loader, desc="predict", disable=progress_disabled(progress), file=sys.stderr):
-        m, s = predict_batch(model, batch.image)
-        maps.append(m.float().cpu().numpy())
-        scores.append(s.float().cpu().numpy())
+        with torch.no_grad():
+            out = model(batch.image.to(device))
+        maps.append(out.anomaly_map[:, 0].float().cpu().numpy())
+        scores.append(out.score.float().cpu().numpy())
+        k = model.top_k((out.anomaly_map.shape[-2], out.anomaly_map.shape[-1]))
+        for name, branch in (("normality", out.normality_discrepancy), ("abnormality", out.abnormality_discrepancy)):
+            if branch is not None:
+                branch_scores.setdefault(name, []).append(top_k_score(branch.float(), k).cpu().numpy())
         masks.append(batch.mask[:, 0].numpy().astype(np.uint8))
         labels.append(np.asarray(batch.label))
         paths += list(batch.path)
@@ -120,6 +139,7 @@ def predict_dataset(model: DMDD, dataset: LabelledDataset, batch_size: int = 16,
         labels=np.concatenate(labels).astype(int),
         paths=paths,
         defect_types=types,
+        branch_scores={name: np.concatenate(parts).astype(np.float32) for name, parts in branch_scores.items()},
     )
 
 
@@ -157,6 +177,10 @@ class Evaluation:
     pixel_labels: bool = True
     """False when the split has image labels only (no ground-truth folder): the pixel metrics are then absent
     from every metrics dict, not zero."""
+    branches: dict[str, float] = field(default_factory=dict)
+    """Image AUROC of the student's raw discrepancy maps (:data:`BRANCHES`) on the same split: beside
+    ``metrics["image_auroc"]`` it tells whether the student (a weak model of normality) or the segmentation
+    network (a weak reading of good discrepancies) limits the model."""
 
     @property
     def metric_resolution_text(self) -> str:
@@ -184,6 +208,7 @@ class Evaluation:
             "padim": self.padim,
             "padim_fit_seconds": self.padim_fit_seconds,
             "pixel_metrics": "computed" if self.pixel_labels else ABSENT_PIXEL_METRICS,
+            "branch_image_auroc": self.branches,
             "input": self.input_report.to_dict(),
         }
 
@@ -337,6 +362,7 @@ def evaluate(
         padim=results.get("padim", {}),
         padim_fit_seconds=None if fitted is None else fitted.fit_seconds,
         pixel_labels=pixel,
+        branches={name: image_auroc(preds.labels, s) for name, s in preds.branch_scores.items()},
         resolution=size,
         seed=cfg.seed,
         training_precision=model.training_precision,

@@ -374,14 +374,18 @@ class DMDD(nn.Module):
         normality, abnormality = self.student_features(x)
         logits = self.segment(teacher, normality, abnormality)
         anomaly_map = F.interpolate(torch.sigmoid(logits.float()), size=size, mode="bilinear", align_corners=False)
-        k = max(1, round(self.cfg.top_k * size[0] * size[1] / 256**2))
         return DMDDOutput(
             anomaly_map=anomaly_map,
-            score=top_k_score(anomaly_map, k),
+            score=top_k_score(anomaly_map, self.top_k(size)),
             seg_logits=logits,
             normality_discrepancy=discrepancy_map(teacher, normality, size),
             abnormality_discrepancy=None if abnormality is None else discrepancy_map(teacher, abnormality, size),
         )
+
+    def top_k(self, size: tuple[int, int]) -> int:
+        """How many pixels the image score averages at input ``size``: ``cfg.top_k`` at 256^2, in proportion to
+        the area otherwise."""
+        return max(1, round(self.cfg.top_k * size[0] * size[1] / 256**2))
 
     def trainable_parameters(self) -> dict[str, list[nn.Parameter]]:
         """Parameter groups: ``student`` (encoder, decoder, decouple heads), ``seg_body``, ``seg_head``."""

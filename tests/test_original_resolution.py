@@ -172,3 +172,24 @@ def test_upsampling_and_metrics_by_hand() -> None:
     assert metrics["aupro_linear_200"] == pytest.approx(0.0)
     with pytest.raises(ValueError, match="2 maps but 1 sizes"):
         original_size_metrics(np.array([1, 0]), np.array([0.9, 0.1]), maps, [defect])
+
+
+def test_branch_scores_are_the_students_raw_maps_scored_like_the_model(model: DMDD, root: Path) -> None:
+    """Each raw discrepancy map's image score is the mean of its top-k pixels, k as the model's own score, and
+    the evaluation records the image AUROC of each (the table of what limits a model reads them)."""
+    ev = evaluate(model, root, CATEGORY, progress=False, padim=False)
+    preds = ev.predictions
+    assert preds is not None and set(preds.branch_scores) == {"normality", "abnormality"}
+    images = torch.stack([infer.TestDataset(root, CATEGORY, 64)[i].image for i in range(8)])
+    with torch.no_grad():
+        out = model(images)
+    k = model.cfg.top_k * 64 * 64 // 256**2
+    assert k >= 1 and model.top_k((64, 64)) == k
+    for name, raw in (("normality", out.normality_discrepancy), ("abnormality", out.abnormality_discrepancy)):
+        by_hand = np.sort(raw.flatten(1).numpy(), axis=1)[:, -k:].mean(1)
+        np.testing.assert_allclose(preds.branch_scores[name], by_hand, rtol=1e-5)
+        assert ev.branches[name] == pytest.approx(image_auroc(preds.labels, by_hand))
+        assert ev.to_dict()["branch_image_auroc"][name] == ev.branches[name]
+    # The model's own score is the same top-k mean over its anomaly map.
+    np.testing.assert_allclose(preds.scores, np.sort(out.anomaly_map.flatten(1).numpy(), axis=1)[:, -k:].mean(1),
+                               rtol=1e-5)
