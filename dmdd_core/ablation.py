@@ -49,6 +49,7 @@ from .runner import (
     Task,
     count,
     load_result,
+    markdown_table,
     mean_std,
     run_jobs,
     run_metadata,
@@ -276,8 +277,8 @@ def _readings(row: Mapping[str, Any], against: str) -> str:
     return "; ".join(f"{name} {text}" for name, text in found.items())
 
 
-def _deltas(row: Mapping[str, Any], against: str) -> str:
-    return " | ".join(_delta(row[k][against]) for k in DELTA_METRICS)
+def _deltas(row: Mapping[str, Any], against: str) -> list[str]:
+    return [_delta(row[k][against]) for k in DELTA_METRICS]
 
 
 def _delta(diff: Mapping[str, Any] | None) -> str:
@@ -298,33 +299,23 @@ def ablation_markdown(rows: Sequence[Mapping[str, Any]], meta: Mapping[str, Any]
     lines.append("")
     tick = {True: "✓", False: ""}
     heads = [label(k) for k in ABLATION_METRICS]
-    lines += ["## In the paper's form (percent, mean ± std over seeds; Δ: against the DeSTSeg baseline)", "",
-              "| variant | decoupling | AIM | MSN | " + " | ".join(heads) + " | "
-              + " | ".join(f"Δ {label(k)} vs DeSTSeg" for k in DELTA_METRICS) + " | reading |",
-              "|---|:-:|:-:|:-:|" + "---|" * (len(heads) + len(DELTA_METRICS) + 1)]
-    for r in rows:
-        if r["group"] != "paper":
-            continue
-        n = len(r["seeds"])
-        d, a, m = r["components"]
-        cells = [stat_text(r[k]["mean"], n) for k in ABLATION_METRICS]
-        lines.append(f"| {r['label']} | {tick[d]} | {tick[a]} | {tick[m]} | " + " | ".join(cells)
-                     + f" | {_deltas(r, 'vs_destseg')} | " + _readings(r, "vs_destseg") + " |")
-    ours = [r for r in rows if r["group"] == "ours"]
+    deltas = {group: [f"Δ {label(k)} vs {ref}" for k in DELTA_METRICS] for group, ref in
+              (("paper", "DeSTSeg"), ("ours", "DMDD"))}
+    paper = [[r["label"], *(tick[c] for c in r["components"]),
+              *(stat_text(r[k]["mean"], len(r["seeds"])) for k in ABLATION_METRICS),
+              *_deltas(r, "vs_destseg"), _readings(r, "vs_destseg")] for r in rows if r["group"] == "paper"]
+    lines += ["## In the paper's form (percent, mean ± std over seeds; Δ: against the DeSTSeg baseline)", ""]
+    lines += markdown_table(["variant", "decoupling", "AIM", "MSN", *heads, *deltas["paper"], "reading"], paper,
+                            ["---", ":-:", ":-:", ":-:"] + ["---"] * (len(heads) + len(DELTA_METRICS) + 1))
+    ours = [[r["label"], r["note"].removeprefix("ours: "),
+             *(stat_text(r[k]["mean"], len(r["seeds"])) for k in ABLATION_METRICS),
+             *_deltas(r, "vs_dmdd"), _readings(r, "vs_dmdd")] for r in rows if r["group"] == "ours"]
     if ours:
-        lines += ["", "## Our own choices, one change each from full DMDD (percent)", "",
-                  "| change | default | " + " | ".join(heads) + " | "
-                  + " | ".join(f"Δ {label(k)} vs DMDD" for k in DELTA_METRICS) + " | reading |",
-                  "|---|---|" + "---|" * (len(heads) + len(DELTA_METRICS) + 1)]
-        for r in ours:
-            n = len(r["seeds"])
-            cells = [stat_text(r[k]["mean"], n) for k in ABLATION_METRICS]
-            lines.append(f"| {r['label']} | {r['note'].removeprefix('ours: ')} | " + " | ".join(cells)
-                         + f" | {_deltas(r, 'vs_dmdd')} | " + _readings(r, "vs_dmdd") + " |")
+        lines += ["", "## Our own choices, one change each from full DMDD (percent)", ""]
+        lines += markdown_table(["change", "default", *heads, *deltas["ours"], "reading"], ours)
     if baselines:
-        lines += ["", "## The baselines on the same test splits (percent; no training)", "",
-                  "| baseline | " + " | ".join(heads) + " | fit s per category |", "|---|" + "---|" * (len(heads) + 1),
-                  *("| " + " | ".join(row) + " |" for row in baselines)]
+        lines += ["", "## The baselines on the same test splits (percent; no training)", ""]
+        lines += markdown_table(["baseline", *heads, "fit s per category"], baselines)
     lines += ["", "Δ: the variant minus the reference (DeSTSeg for the paper's form, full DMDD for our choices), paired "
               "by seed: mean ± std of the per-seed differences; p: paired t-test, two-sided. 'within seed noise': "
               "p ≥ 0.05, or too few seeds to tell."]

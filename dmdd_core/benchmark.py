@@ -208,7 +208,7 @@ def baseline_lines(records: Sequence[dict[str, Any]], n_seeds: int) -> list[str]
     for key, name in BASELINES.items():
         if not all(r["evaluation"].get(key) for r in records):
             continue
-        fits = [r["evaluation"].get(f"{key.removesuffix('_baseline')}_fit_seconds") for r in records]
+        fits = [r["evaluation"].get(f"{key}_fit_seconds") for r in records]
         fit = f"{np.mean(fits):.1f}" if all(f is not None for f in fits) else "–"
         mean = summarise(records, HEADLINE_METRICS, which=key)["mean"]
         rows.append([name, *(stat_text(mean.get(k), n_seeds) for k in HEADLINE_METRICS), fit])

@@ -49,22 +49,21 @@ def show_image(ax: plt.Axes, image: np.ndarray, title: str = "", **kwargs: Any) 
 
 def anomaly_examples(
     images: Sequence[np.ndarray],
-    masks: Sequence[np.ndarray],
+    masks: Sequence[np.ndarray] | None,
     maps: Sequence[np.ndarray],
     titles: Sequence[str],
     extra: dict[str, Sequence[np.ndarray]] | None = None,
     threshold: float | None = None,
     threshold_label: str = "",
 ) -> plt.Figure:
-    """One column per example; rows: image, ground truth, anomaly map (fixed 0..1 scale), then any extra maps,
-    and with ``threshold`` the predicted mask ``map >= threshold`` (named by ``threshold_label``, e.g. where the
-    threshold was chosen)."""
+    """One column per example; rows: image, ground truth (left out when ``masks`` is None: a dataset with image
+    labels only), anomaly map (fixed 0..1 scale), then any extra maps, and with ``threshold`` the predicted mask
+    ``map >= threshold`` (named by ``threshold_label``, e.g. where the threshold was chosen)."""
     extra = extra or {}
-    rows: list[tuple[str, Sequence[np.ndarray], dict[str, Any]]] = [
-        ("image", images, {}),
-        ("ground truth", masks, {"vmin": 0, "vmax": 1}),
-        ("anomaly map", maps, {"cmap": "jet", "vmin": 0, "vmax": 1}),
-    ]
+    rows: list[tuple[str, Sequence[np.ndarray], dict[str, Any]]] = [("image", images, {})]
+    if masks is not None:
+        rows.append(("ground truth", masks, {"vmin": 0, "vmax": 1}))
+    rows.append(("anomaly map", maps, {"cmap": "jet", "vmin": 0, "vmax": 1}))
     rows += [(name, values, {"cmap": "jet"}) for name, values in extra.items()]
     if threshold is not None:
         name = f"map >= {threshold:.2f}" + (f"\n{threshold_label}" if threshold_label else "")
@@ -128,7 +127,7 @@ def example_figure(ev: Any, per_kind: int = 2, pixel_threshold: float | None = N
     """Best and worst examples of one :class:`~dmdd_core.infer.Evaluation`, ``per_kind`` of each, as columns:
     the highest-scored defective images (best found), the lowest-scored defective ones (worst missed) and the
     highest-scored good ones (worst false alarms). With ``pixel_threshold`` (chosen on the validation split) a
-    last row shows the predicted mask."""
+    last row shows the predicted mask. A split with image labels only has no ground-truth row."""
     from .data import load_image
 
     preds = ev.predictions
@@ -143,6 +142,6 @@ def example_figure(ev: Any, per_kind: int = 2, pixel_threshold: float | None = N
     size = preds.maps.shape[-1]
     images = [load_image(preds.paths[i], size).permute(1, 2, 0).numpy() for _, i in picks]
     titles = [f"{kind}: {preds.defect_types[i]}\nscore {preds.scores[i]:.2f}" for kind, i in picks]
-    masks = [preds.masks[i] for _, i in picks]
+    masks = [preds.masks[i] for _, i in picks] if getattr(ev, "pixel_labels", True) else None
     maps = [preds.maps[i] for _, i in picks]
     return anomaly_examples(images, masks, maps, titles, threshold=pixel_threshold, threshold_label="(val F1-max)")

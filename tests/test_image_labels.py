@@ -37,6 +37,27 @@ def test_a_split_without_ground_truth_has_image_labels_only(image_labelled: Path
     assert TestDataset(source, "part", 32).masks.sum() == 0
 
 
+def test_example_figure_has_no_ground_truth_row_without_masks(image_labelled: Path) -> None:
+    """The best/worst example figure leaves the ground-truth row out for a split with image labels only, and
+    keeps it for one with masks."""
+    import matplotlib.pyplot as plt
+    import torch
+
+    from dmdd_core.config import DMDDConfig
+    from dmdd_core.infer import evaluate
+    from dmdd_core.model import DMDD
+    from dmdd_core.plots import example_figure
+
+    torch.manual_seed(0)
+    model = DMDD(DMDDConfig.preset("smoke", teacher="resnet18", teacher_pretrained=False)).eval()
+    with_masks = image_labelled.parent / "with_masks"
+    make_mvtec_tree(with_masks, "part", n_train=8, defects={"good": 3, "scratch": 3}, size=(40, 40))
+    for root, rows in ((image_labelled, ["image", "anomaly map"]), (with_masks, ["image", "ground truth", "anomaly map"])):
+        fig = example_figure(evaluate(model, root, "part", progress=False, padim=False), per_kind=1)
+        assert [ax.get_ylabel() for ax in fig.axes[::3]] == rows
+        plt.close(fig)
+
+
 def test_a_ground_truth_folder_with_a_missing_mask_stays_an_error(tmp_path: Path) -> None:
     folder = make_mvtec_tree(tmp_path, "part", n_train=3, defects={"good": 1, "scratch": 2}, size=(40, 40))
     (folder / "ground_truth" / "scratch" / "001_mask.png").unlink()
