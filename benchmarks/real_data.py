@@ -88,14 +88,17 @@ above the output: the segmentation network reads them badly."""
 
 
 def diagnosis_rows(records: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
-    """Per (dataset, category): each :data:`DIAGNOSIS` column as mean ± std over the seeds that recorded it
-    (percent; results written before the raw maps were scored lack those columns) and the number of such seeds."""
+    """Per (dataset, category): each :data:`DIAGNOSIS` column as mean ± std (percent) and its number of seeds.
+    Where some seeds recorded the raw maps' scores (results written before they were scored did not), every
+    column is taken over those seeds only, so the columns compare the same models."""
     groups: dict[tuple[str, str], list[dict[str, Any]]] = {}
     for r in records:
         groups.setdefault((r["dataset"], r["category"]), []).append(r)
     rows = []
     for (dataset, category), group in groups.items():
-        row: dict[str, Any] = {"dataset": dataset, "category": category}
+        scored = [r for r in group if r["evaluation"].get("branch_image_auroc")]
+        group = scored or group
+        row: dict[str, Any] = {"dataset": dataset, "category": category, "seeds": sorted(r["seed"] for r in group)}
         for key in DIAGNOSIS:
             if key == "validation":
                 values = [(r.get("validation") or {}).get("image_auroc") for r in group]
@@ -120,13 +123,36 @@ def markdown(rows: Sequence[dict[str, Any]], meta: dict[str, Any],
     lines += ["", "Percent, mean ± std over the seeds. '–': absent (ELPV has image labels only; the mean image "
               "needs no fitting worth timing)."]
     if diagnosis:
-        lines += ["", "## What limits DMDD", "", "Image AUROC, percent, mean ± std over the seeds that recorded it "
-                  "(their number in brackets)."]
+        lines += ["", "## What limits DMDD", "", "Image AUROC, percent, mean ± std over the seeds whose results "
+                  "scored the raw maps (every seed where none did), their number in brackets."]
         body = [[r["dataset"], r["category"],
                  *("–" if r[k] is None else f"{stat_text(r[k][0], r[k][1])} ({r[k][1]})" for k in DIAGNOSIS)]
                 for r in diagnosis]
         lines += [""] + markdown_table(["dataset", "category", *DIAGNOSIS.values()], body)
     return "\n".join(lines) + "\n"
+
+
+def settings_text(records: Sequence[dict[str, Any]]) -> str:
+    """The preset the records were made with and every field changed from it (seed, device and the resolved
+    teacher aside), e.g. "cpu, synth_patch=0.2"; an error when the records do not share one configuration."""
+    from dmdd_core.train import RESUMABLE_DIFFERENCES, config_differences
+
+    first = DMDDConfig.from_dict(records[0]["config"])
+    for r in records[1:]:
+        differences = config_differences(r["config"], first, RESUMABLE_DIFFERENCES | {"seed"},
+                                         (r.get("teacher") or {}).get("name"))
+        if differences and not (first.teacher == "auto" and differences == [f"teacher: saved {r['teacher']['name']!r}, now 'auto'"]):
+            raise ValueError(f"the results under one --out were made with different configurations "
+                             f"({r['category']} seed {r['seed']}: {'; '.join(differences)}); use one --out per setting")
+    preset = DMDDConfig.preset(records[0]["preset"]).to_dict()
+    changed = [f"{k}={v}" for k, v in records[0]["config"].items()
+               if k in preset and k not in {"seed", "device", "teacher", "preset_name"} and preset[k] != v]
+    return ", ".join([records[0]["preset"], *changed])
+
+
+def found_categories(out: Path, dataset: str) -> list[str]:
+    """The categories with a finished result under ``out/dataset`` (what ``--report`` tabulates)."""
+    return sorted({p.stem.split("__")[0] for p in (out / dataset / RESULTS_DIR).glob("*.json")})
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -154,12 +180,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     started = time.perf_counter()
     records = []
     for name in args.datasets:
-        source = open_dataset(name)
-        categories = [c for c in source.categories() if not args.categories or c in args.categories]
+        found = found_categories(out, name) if args.report else open_dataset(name).categories()
+        categories = [c for c in found if not args.categories or c in args.categories]
         if not categories:
             continue
         if not args.report:
-            run_benchmark(cfg, source, out / name, categories=categories, seeds=args.seeds, pro_variants=False,
+            run_benchmark(cfg, open_dataset(name), out / name, categories=categories, seeds=args.seeds, pro_variants=False,
                           show=False)
         for category in categories:
             for seed in args.seeds:
@@ -167,9 +193,12 @@ def main(argv: Sequence[str] | None = None) -> int:
                 if record is not None:
                     records.append({**record, "dataset": name})
     rows = table_rows(records)
-    meta = {"preset": args.preset + "".join(f", {k}={v}" for k, v in overrides.items()), "seeds": " ".join(map(str, sorted({r["seed"] for r in records}))), "settings chosen on": CHOSEN_ON,
+    if not records:
+        print(f"no finished results under {out} for {', '.join(args.datasets)}", file=sys.stderr)
+        return 1
+    meta = {"preset": settings_text(records), "seeds": " ".join(map(str, sorted({r["seed"] for r in records}))), "settings chosen on": CHOSEN_ON,
             "teacher": records[0]["teacher"]["name"] if records else args.teacher,
-            "input size": cfg.image_size, "machine": f"{platform.processor() or platform.machine()}, "
+            "input size": records[0]["config"]["image_size"], "machine": f"{platform.processor() or platform.machine()}, "
             f"{records[0]['device'] if records else ''}", "versions": versions(),
             "wall time of this call": f"{time.perf_counter() - started:.0f} s"}
     diagnosis = diagnosis_rows(records)

@@ -40,7 +40,7 @@ import numpy as np
 
 from .config import DMDDConfig
 from .data import DataSource, as_source
-from .protocol import BASELINES, HEADLINE_METRICS, label
+from .protocol import BASELINES, HEADLINE_METRICS, PRO_VARIANTS, label
 from .runner import (
     FIGURES_DIR,
     RESULTS_DIR,
@@ -48,9 +48,11 @@ from .runner import (
     Job,
     Task,
     count,
+    is_done,
     load_result,
     markdown_table,
     mean_std,
+    resolve_teacher,
     run_jobs,
     run_metadata,
     stat_text,
@@ -152,9 +154,12 @@ def run_ablation(
     resume: bool = True,
     progress: bool | None = None,
     show: bool = True,
+    reference_from: str | Path | None = None,
 ) -> Path:
     """Train and evaluate every variant on every category with every seed; write the table (printed unless
-    ``show`` is False); return its path."""
+    ``show`` is False); return its path. ``reference_from``: a benchmark folder (``dmdd benchmark --out``, or a
+    dataset folder of ``benchmarks/real_data.py``) whose finished results of the same configuration stand for
+    full DMDD's tasks instead of training them again (:func:`reuse_reference`)."""
     from .train import select_device
 
     out = Path(out)
@@ -167,10 +172,63 @@ def run_ablation(
     configs = {v.name: v.config(base) for v in chosen}  # raises on an impossible combination before any work
     jobs = [Job(Task(c, seed), configs[v.name].replace(seed=seed), out / v.name, f"seed {seed} {v.label} ({c})")
             for seed in seeds for v in chosen for c in cats]
+    if reference_from is not None:
+        if not resume:
+            raise ValueError("reference_from (--reference-from) takes finished results, and resume=False "
+                             "(--no-resume) trains everything again: pass one or the other")
+        jobs, _ = resolve_teacher(jobs)  # a result names the teacher it used: compare with this machine's "auto"
+        reused = reuse_reference([j for j in jobs if j.folder == out / REFERENCE], Path(reference_from), source)
+        if reused:
+            print(f"full DMDD: {count(len(reused), 'result')} taken from {reference_from} "
+                  f"({', '.join(j.task.key for j in reused)})", file=sys.stderr)
     run_jobs(jobs, source, pro_variants=False, resume=resume, progress=progress,
              what=f"ablation: {count(len(jobs), 'task')} ({count(len(chosen), 'variant')} x "
                   f"{count(len(cats), 'category')} x {count(len(seeds), 'seed')})")
     return write_ablation(out, chosen, cats, seeds, show=show)
+
+
+def reuse_reference(jobs: Sequence[Job], folder: Path, source: DataSource) -> list[Job]:
+    """Copy into each of full DMDD's ``jobs`` with no result yet the finished result of the same task from
+    ``folder`` (its ``results/`` files: a ``dmdd benchmark --out`` folder, or a dataset folder of
+    ``benchmarks/real_data.py``). A result is taken only when it was made with the same configuration (teacher
+    included; another one is an error, not a silent mix, :func:`~dmdd_core.runner.is_done`) on the same kind of
+    dataset, evaluated at the input resolution; the PRO variants of a benchmark's result are dropped, as the
+    ablation computes none. Each result not taken is named with the reason. Returns the jobs given a result.
+
+    The reused tasks have no checkpoint under the ablation folder: :class:`VariantMaps` cannot show full DMDD's
+    maps for them."""
+    if not (folder / RESULTS_DIR).is_dir():
+        raise FileNotFoundError(f"{folder / RESULTS_DIR} does not exist: --reference-from takes a benchmark folder "
+                                f"(dmdd benchmark --out DIR, or results/real_data/<dataset>) holding results/*.json")
+    reused = []
+    wanted = {k: v for k, v in source.describe().items() if k != "root"}
+    for job in jobs:
+        target = job.result_path
+        found = folder / RESULTS_DIR / f"{job.task.key}.json"
+        result = load_result(found)
+        if target.exists() or result is None:
+            continue
+        data = {k: v for k, v in result["evaluation"].get("data", {}).items() if k != "root"}
+        why = (f"another dataset ({data}, not {wanted})" if data != wanted else
+               "evaluated at another resolution" if not is_done(result, job.cfg, "input", bool(result.get("pro_variants")), found)
+               else "")
+        if why:
+            print(f"full DMDD {job.task.key}: {found} not taken: {why}", file=sys.stderr)
+            continue
+        if result.get("pro_variants"):
+            result = {**result, "pro_variants": False, "evaluation": without_pro_variants(result["evaluation"])}
+        write_text_files(target.parent, {target.name: json.dumps(result, indent=1)})
+        reused.append(job)
+    return reused
+
+
+def without_pro_variants(evaluation: Mapping[str, Any]) -> dict[str, Any]:
+    """An evaluation record as ``pro_variants=False`` would have written it: the two PRO variants left out of
+    every metrics dict and of the metric names."""
+    variants = set(PRO_VARIANTS) - {"aupro"}
+    return {key: ({k: v for k, v in value.items() if k not in variants}
+                  if key in ("dmdd", "naive_baseline", "padim", "metric_keys") and isinstance(value, dict) else value)
+            for key, value in evaluation.items()}
 
 
 # --- the table ----------------------------------------------------------------------------------------------------

@@ -177,6 +177,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--list", action="store_true", help="list the variants and exit")
     p.add_argument("--out", help="output folder (default runs/ablation/<dataset>_<preset>)")
     p.add_argument("--no-resume", dest="resume", action="store_false", help="train everything again, even tasks finished before")
+    p.add_argument("--reference-from", dest="reference_from", metavar="DIR", help="a benchmark folder of the same configuration (dmdd benchmark --out, or results/real_data/<dataset>): its finished results stand for full DMDD's tasks instead of training them again")
 
     p = sub.add_parser("download", help="download and extract MVTec AD, VisA or DTD (needs internet; resumable, checksum-verified)")
     p.add_argument("dataset", choices=sorted(DOWNLOADS), help="mvtec, visa, dtd (textures for the synthesis), or mpdd (prints how to get it by hand)")
@@ -309,7 +310,8 @@ def cmd_ablate(args: argparse.Namespace) -> int:
     source = _source(args)
     out = Path(args.out or f"runs/ablation/{source.kind}_{cfg.preset_name}")
     sigterm_as_interrupt()
-    run_ablation(cfg, source, out, variants=variants, categories=args.categories, seeds=args.seeds, resume=args.resume)
+    run_ablation(cfg, source, out, variants=variants, categories=args.categories, seeds=args.seeds, resume=args.resume,
+                 reference_from=args.reference_from)
     return 0
 
 

@@ -21,7 +21,7 @@ import os
 import platform
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from importlib import metadata
 from pathlib import Path
 from typing import Any
@@ -163,7 +163,8 @@ def is_done(result: dict[str, Any] | None, cfg: DMDDConfig, resolution: str, pro
     an error (mixing them would corrupt the table); one of other evaluation settings is evaluated again."""
     if result is None:
         return False
-    difference = config_differences(result.get("config", {}), cfg, RESUMABLE_DIFFERENCES | {"seed"})
+    difference = config_differences(result.get("config", {}), cfg, RESUMABLE_DIFFERENCES | {"seed"},
+                                    (result.get("teacher") or {}).get("name"))
     if difference:
         raise ValueError(
             f"{path} was made with another configuration ({'; '.join(difference)}); "
@@ -265,6 +266,20 @@ def run_task(job: Job, source: DataSource, *, teacher: Any = None, resolution: s
 
 
 # --- many tasks -------------------------------------------------------------------------------------------------
+def resolve_teacher(jobs: Sequence[Job]) -> tuple[list[Job], Any]:
+    """The jobs with ``teacher="auto"`` resolved to the teacher it gives on this machine (resnet18 where its
+    weights can be had, else the offline teacher), and that teacher (None when no job asked for "auto"), so
+    every result and checkpoint names the teacher it was made with and a resumed run is compared with it."""
+    from .model import build_teacher
+
+    auto = [job for job in jobs if job.cfg.teacher == "auto"]
+    if not auto:
+        return list(jobs), None
+    teacher = build_teacher(auto[0].cfg)
+    return [replace(job, cfg=job.cfg.replace(teacher=teacher.name)) if job.cfg.teacher == "auto" else job
+            for job in jobs], teacher
+
+
 def run_jobs(jobs: Sequence[Job], source: DataSource, *, resolution: str = "input", pro_variants: bool = True,
              resume: bool = True, skip_bad: bool = False, rank: Rank = Rank(), progress: bool | None = None,
              what: str = "") -> list[dict[str, Any]]:
@@ -275,6 +290,7 @@ def run_jobs(jobs: Sequence[Job], source: DataSource, *, resolution: str = "inpu
 
     if resolution not in RESOLUTIONS:
         raise ValueError(f"resolution must be one of {', '.join(map(repr, RESOLUTIONS))}, got {resolution!r}")
+    jobs, teacher = resolve_teacher(jobs)
     todo = []
     for job in jobs:
         if resume and is_done(load_result(job.result_path), job.cfg, resolution, pro_variants, job.result_path):
@@ -282,7 +298,8 @@ def run_jobs(jobs: Sequence[Job], source: DataSource, *, resolution: str = "inpu
         else:
             todo.append(job)
     print(f"{rank.tag}{what or 'tasks'}; this process: {len(jobs)}, {len(jobs) - len(todo)} done before", flush=True)
-    teacher = build_teacher(todo[0].cfg) if todo else None
+    if todo and (teacher is None or teacher.name != todo[0].cfg.teacher):
+        teacher = build_teacher(todo[0].cfg)
     records, spent = [], []
     for i, job in enumerate(todo, 1):
         started = time.perf_counter()

@@ -203,18 +203,23 @@ def saved_config(saved: dict[str, Any]) -> dict[str, Any]:
     return {**DMDDConfig().to_dict(), **normalise_saved(saved)}
 
 
-def config_differences(saved: dict[str, Any], cfg: DMDDConfig, ignored: Iterable[str] = RESUMABLE_DIFFERENCES) -> list[str]:
+def config_differences(saved: dict[str, Any], cfg: DMDDConfig, ignored: Iterable[str] = RESUMABLE_DIFFERENCES,
+                       saved_teacher: str | None = None) -> list[str]:
     """The fields (other than ``ignored``) in which a saved config differs from ``cfg``, as readable lines. A
-    field that no longer exists changes nothing now and is not listed."""
+    field that no longer exists changes nothing now and is not listed. ``saved_teacher``: the teacher the saved
+    run used; a saved ``teacher="auto"`` stands for it when ``cfg`` names its teacher."""
     current, saved = cfg.to_dict(), saved_config(saved)
+    if saved.get("teacher") == "auto" and saved_teacher and cfg.teacher != "auto":
+        saved = {**saved, "teacher": saved_teacher}
     skip = set(ignored)
     return sorted(f"{k}: saved {saved.get(k)!r}, now {current[k]!r}" for k in current
                   if k not in skip and saved.get(k) != current[k])
 
 
-def check_resumable(saved: dict[str, Any], cfg: DMDDConfig, path: Path) -> None:
-    """A clear error when the run saved at ``path`` was made with another configuration than ``cfg``."""
-    differences = config_differences(saved, cfg)
+def check_resumable(saved: dict[str, Any], cfg: DMDDConfig, path: Path, saved_teacher: str | None = None) -> None:
+    """A clear error when the run saved at ``path`` was made with another configuration than ``cfg``
+    (``saved_teacher``: see :func:`config_differences`)."""
+    differences = config_differences(saved, cfg, saved_teacher=saved_teacher)
     if differences:
         raise ValueError(
             f"{path} was written with another configuration ({'; '.join(differences)}). "
@@ -301,7 +306,7 @@ class RunState:
         """The state saved at ``path``, checked to have ``cfg``'s configuration, with its random state set."""
         seed_everything(cfg.seed)
         saved = read_checkpoint(path)
-        check_resumable(saved["config"], cfg, path)
+        check_resumable(saved["config"], cfg, path, (saved.get("teacher") or {}).get("name"))
         if saved.get("synthesis_version", 1) != SYNTHESIS_VERSION:
             warnings.warn(
                 f"{path} was written with synthesis version {saved.get('synthesis_version', 1)}, this package "

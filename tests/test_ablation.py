@@ -181,6 +181,43 @@ def test_run_ablation_refuses_another_base_configuration_in_the_same_folder(smal
                      categories=["brick"], seeds=[0], progress=False)
 
 
+def test_full_dmdd_taken_from_a_benchmark_folder_of_the_same_configuration(
+        small_ablation: dict[str, Any], builtin_root: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """``reference_from``: finished results of full DMDD's configuration are copied, not trained again; a folder
+    of another configuration is refused, and so are a folder without results and resume=False."""
+    def no_training(*args: Any, **kwargs: Any) -> None:
+        raise AssertionError("full DMDD was trained again")
+
+    monkeypatch.setattr(runner, "run_task", no_training)
+    finished = small_ablation["out"] / REFERENCE
+    run_ablation(smoke_config(), builtin_root, tmp_path / "abl", variants=select_variants([]), categories=["brick"],
+                 seeds=[0, 1], progress=False, show=False, reference_from=finished)
+    for seed in (0, 1):
+        name = f"results/brick__seed{seed}.json"
+        assert json.loads((tmp_path / "abl" / REFERENCE / name).read_text()) == json.loads((finished / name).read_text())
+    rows = {r["name"]: r for r in load_ablation(tmp_path / "abl")["rows"]}
+    original = {r["name"]: r for r in load_ablation(small_ablation["out"])["rows"]}
+    assert rows[REFERENCE]["image_auroc"]["per_seed"] == original[REFERENCE]["image_auroc"]["per_seed"]
+    with pytest.raises(ValueError, match="another configuration"):
+        run_ablation(smoke_config(beta_max=0.5), builtin_root, tmp_path / "other", variants=select_variants([]),
+                     categories=["brick"], seeds=[0], progress=False, show=False, reference_from=finished)
+    with pytest.raises(FileNotFoundError, match="holding results"):
+        run_ablation(smoke_config(), builtin_root, tmp_path / "x", variants=select_variants([]), categories=["brick"],
+                     seeds=[0], progress=False, show=False, reference_from=tmp_path)
+    with pytest.raises(ValueError, match="one or the other"):
+        run_ablation(smoke_config(), builtin_root, tmp_path / "x", variants=select_variants([]), categories=["brick"],
+                     seeds=[0], progress=False, show=False, reference_from=finished, resume=False)
+
+
+def test_a_benchmarks_pro_variants_are_dropped_from_a_reused_result() -> None:
+    evaluation = {"dmdd": {"aupro": 0.5, "aupro_per_image": 0.6, "aupro_linear_200": 0.55, "pixel_auroc": 0.9},
+                  "padim": {"aupro": 0.4, "aupro_per_image": 0.3}, "naive_baseline": {},
+                  "metric_keys": {"aupro": "a", "aupro_per_image": "b"}, "num_images": 8}
+    assert ablation.without_pro_variants(evaluation) == {
+        "dmdd": {"aupro": 0.5, "pixel_auroc": 0.9}, "padim": {"aupro": 0.4}, "naive_baseline": {},
+        "metric_keys": {"aupro": "a"}, "num_images": 8}
+
+
 def test_missing_table_is_a_clear_error(tmp_path: Path) -> None:
     with pytest.raises(FileNotFoundError, match="dmdd ablate"):
         load_ablation(tmp_path)

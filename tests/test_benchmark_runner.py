@@ -272,3 +272,25 @@ def test_category_figure_has_a_panel_per_metric_and_the_papers_line() -> None:
     legend = [t.get_text() for t in fig.axes[1].get_legend().get_texts()]
     assert legend == ["this run's mean", "DMDD paper (98.85)"]
     assert "DMDD paper" not in " ".join(t.get_text() for t in fig.axes[0].get_legend().get_texts())
+
+
+def test_auto_teacher_is_resolved_before_results_are_compared(tmp_path: Path) -> None:
+    """A job asking for teacher "auto" is given the teacher it resolves to here (the offline one: the hub is
+    off), and a result saved with "auto" is the same configuration as one naming the teacher it actually used,
+    not as one naming another teacher."""
+    from dmdd_core.model import OFFLINE_TEACHER
+    from dmdd_core.runner import Job, is_done, resolve_teacher
+
+    cfg = DMDDConfig.preset("smoke", device="cpu")
+    assert cfg.teacher == "auto"
+    named = Job(Task("brick", 1), cfg.replace(teacher="resnet18", teacher_pretrained=False), tmp_path)
+    jobs, teacher = resolve_teacher([Job(Task("brick", 0), cfg, tmp_path), named])
+    assert teacher.name == OFFLINE_TEACHER and jobs[0].cfg == cfg.replace(teacher=OFFLINE_TEACHER)
+    assert jobs[1] is named
+    assert resolve_teacher([named]) == ([named], None)
+    path = tmp_path / "result.json"
+    saved = {"config": cfg.to_dict(), "teacher": {"name": OFFLINE_TEACHER},
+             "evaluation": {"metric_resolution_setting": "input"}, "pro_variants": False}
+    assert is_done(saved, jobs[0].cfg, "input", False, path)
+    with pytest.raises(ValueError, match="teacher: saved 'tf_efficientnet_lite0', now 'resnet18'"):
+        is_done(saved, cfg.replace(teacher="resnet18"), "input", False, path)

@@ -183,3 +183,24 @@ def test_real_data_benchmark_tables_dmdd_beside_padim_and_the_mean_image(
                                                             ("dmdd", "padim", "naive_baseline")}}}
     (row, *_) = real.table_rows([image_only])
     assert row["image_auroc"] == (70.0, 0.0) and row["pixel_auroc"] is None and row["aupro"] is None
+    # What limits DMDD: the raw maps' image AUROC beside the output's, over the seeds that scored them.
+    assert record["evaluation"]["branch_image_auroc"].keys() == {"normality", "abnormality"}
+    (diag,) = written["diagnosis"]
+    assert diag["normality"][0][0] == pytest.approx(100 * record["evaluation"]["branch_image_auroc"]["normality"])
+    assert diag["dmdd"][0][0] == pytest.approx(100 * record["evaluation"]["dmdd"]["image_auroc"])
+    older = {**record, "seed": 1, "evaluation": {**record["evaluation"], "branch_image_auroc": {},
+                                                 "dmdd": {"image_auroc": 0.1}}}
+    (paired,) = real.diagnosis_rows([{**record, "dataset": "builtin"}, {**older, "dataset": "builtin"}])
+    assert paired["seeds"] == [0] and paired["dmdd"][1] == 1  # the older seed is left out of every column
+    (unscored,) = real.diagnosis_rows([{**older, "dataset": "builtin"}])
+    assert unscored["dmdd"] == ((10.0, 0.0), 1) and unscored["normality"] is None
+    # --report tabulates what is there without training; the header comes from the results.
+    (out / "real_data.md").unlink()
+    assert real.main(["--report", "--datasets", "builtin", "elpv", "--out", str(out)]) == 0
+    text = (out / "real_data.md").read_text()
+    assert "## What limits DMDD" in text and "- preset: smoke\n" in text and "- seeds: 0\n" in text
+    changed = {**older, "config": {**record["config"], "synth_patch": 0.2}}
+    assert real.settings_text([{**record, "config": changed["config"]}]) == "smoke, synth_patch=0.2"
+    with pytest.raises(ValueError, match="synth_patch"):
+        real.settings_text([record, changed])
+    assert real.main(["--report", "--out", str(tmp_path / "empty")]) == 1
