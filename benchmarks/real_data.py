@@ -70,6 +70,8 @@ def table_rows(records: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
             seconds = [r["train_seconds"] if who == "dmdd" else r["evaluation"].get("padim_fit_seconds")
                        for r in group] if who != "naive_baseline" else []
             row["seconds"] = sum(seconds) / len(seconds) if seconds and None not in seconds else None
+            if who == "dmdd":
+                row["seconds_per_seed"] = {r["seed"]: r["train_seconds"] for r in group}
             rows.append(row)
     return rows
 
@@ -116,12 +118,18 @@ def markdown(rows: Sequence[dict[str, Any]], meta: dict[str, Any],
              diagnosis: Sequence[dict[str, Any]] = ()) -> str:
     lines = ["# DMDD on real images, beside PaDiM and the mean-image baseline", ""]
     lines += [f"- {k}: {v}" for k, v in meta.items()] + [""]
-    head = ["dataset", "category", "method", "train or fit s", *map(label, HEADLINE_METRICS)]
-    body = [[r["dataset"], r["category"], r["method"], "–" if r["seconds"] is None else f"{r['seconds']:.0f}",
+    head = ["dataset", "category", "method", "seeds", "train or fit s", *map(label, HEADLINE_METRICS)]
+    body = [[r["dataset"], r["category"], r["method"], " ".join(map(str, r["seeds"])),
+             "–" if r["seconds"] is None else f"{r['seconds']:.0f}",
              *(stat_text(r[k], len(r["seeds"])) for k in HEADLINE_METRICS)] for r in rows]
     lines += markdown_table(head, body)
     lines += ["", "Percent, mean ± std over the seeds. '–': absent (ELPV has image labels only; the mean image "
               "needs no fitting worth timing)."]
+    per_run = [f"{r['dataset']} {r['category']}: " + ", ".join(f"seed {k} {v:.0f} s" for k, v in sorted(r["seconds_per_seed"].items()))
+               for r in rows if "seconds_per_seed" in r]
+    if per_run:
+        lines += ["", "DMDD's training time per run (a run that shared the cores with other work takes longer): "
+                  + "; ".join(per_run) + "."]
     if diagnosis:
         lines += ["", "## What limits DMDD", "", "Image AUROC, percent, mean ± std over the seeds whose results "
                   "scored the raw maps (every seed where none did), their number in brackets."]
