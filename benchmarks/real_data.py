@@ -146,10 +146,12 @@ def settings_text(records: Sequence[dict[str, Any]]) -> str:
     from dmdd_core.train import RESUMABLE_DIFFERENCES, config_differences
 
     first = DMDDConfig.from_dict(records[0]["config"])
+    if first.teacher == "auto":  # compare by the teacher it resolved to
+        first = first.replace(teacher=records[0]["teacher"]["name"])
     for r in records[1:]:
         differences = config_differences(r["config"], first, RESUMABLE_DIFFERENCES | {"seed"},
                                          (r.get("teacher") or {}).get("name"))
-        if differences and not (first.teacher == "auto" and differences == [f"teacher: saved {r['teacher']['name']!r}, now 'auto'"]):
+        if differences:
             raise ValueError(f"the results under one --out were made with different configurations "
                              f"({r['category']} seed {r['seed']}: {'; '.join(differences)}); use one --out per setting")
     preset = DMDDConfig.preset(records[0]["preset"]).to_dict()
@@ -200,14 +202,14 @@ def main(argv: Sequence[str] | None = None) -> int:
                 record = load_result(out / name / RESULTS_DIR / f"{Task(category, seed).key}.json")
                 if record is not None:
                     records.append({**record, "dataset": name})
-    rows = table_rows(records)
     if not records:
         print(f"no finished results under {out} for {', '.join(args.datasets)}", file=sys.stderr)
         return 1
+    rows = table_rows(records)
     meta = {"preset": settings_text(records), "seeds": " ".join(map(str, sorted({r["seed"] for r in records}))), "settings chosen on": CHOSEN_ON,
-            "teacher": records[0]["teacher"]["name"] if records else args.teacher,
+            "teacher": records[0]["teacher"]["name"],
             "input size": records[0]["config"]["image_size"], "machine": f"{platform.processor() or platform.machine()}, "
-            f"{records[0]['device'] if records else ''}", "versions": versions(),
+            f"{records[0]['device']}", "versions": versions(),
             "wall time of this call": f"{time.perf_counter() - started:.0f} s"}
     diagnosis = diagnosis_rows(records)
     text = markdown(rows, meta, diagnosis)
