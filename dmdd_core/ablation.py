@@ -25,6 +25,10 @@ Output folder::
 The runner is resumable like the benchmark's: a finished task is skipped, an interrupted one resumes. Tasks run
 seed by seed (every variant for seed 0, then seed 1...), so a run stopped early already holds a complete, smaller
 table.
+
+A class (or several machines) can split one ablation: ``shard=(i, n)`` (``dmdd ablate --shard i/n``) runs the i-th
+of n shares of the task list, each task in exactly one share; :func:`merge_ablation` (``dmdd ablate --merge``)
+gathers the shares' folders into one table, refusing results of another configuration.
 """
 
 from __future__ import annotations
@@ -155,11 +159,14 @@ def run_ablation(
     progress: bool | None = None,
     show: bool = True,
     reference_from: str | Path | None = None,
+    shard: tuple[int, int] | None = None,
 ) -> Path:
     """Train and evaluate every variant on every category with every seed; write the table (printed unless
     ``show`` is False); return its path. ``reference_from``: a benchmark folder (``dmdd benchmark --out``, or a
     dataset folder of ``benchmarks/real_data.py``) whose finished results of the same configuration stand for
-    full DMDD's tasks instead of training them again (:func:`reuse_reference`)."""
+    full DMDD's tasks instead of training them again (:func:`reuse_reference`). ``shard=(i, n)``: run only the
+    i-th of n shares of the tasks (:func:`shard_jobs`); the table then holds the rows this share completed, and
+    :func:`merge_ablation` joins the shares."""
     from .train import select_device
 
     out = Path(out)
@@ -169,9 +176,12 @@ def run_ablation(
         chosen.append(VARIANTS[REFERENCE])
     cats = list(categories or source.categories())
     base = base.replace(device=str(select_device(base.device)))
-    configs = {v.name: v.config(base) for v in chosen}  # raises on an impossible combination before any work
-    jobs = [Job(Task(c, seed), configs[v.name].replace(seed=seed), out / v.name, f"seed {seed} {v.label} ({c})")
-            for seed in seeds for v in chosen for c in cats]
+    jobs = ablation_jobs(base, out, chosen, cats, seeds)
+    what = f"{count(len(jobs), 'task')} ({count(len(chosen), 'variant')} x {count(len(cats), 'category')} x " \
+           f"{count(len(seeds), 'seed')})"
+    if shard is not None:
+        jobs = shard_jobs(jobs, *shard)
+        what = f"share {shard[0]}/{shard[1]}: {count(len(jobs), 'task')} of {what}"
     if reference_from is not None:
         if not resume:
             raise ValueError("reference_from (--reference-from) takes finished results, and resume=False "
@@ -181,9 +191,108 @@ def run_ablation(
         if reused:
             print(f"full DMDD: {count(len(reused), 'result')} taken from {reference_from} "
                   f"({', '.join(j.task.key for j in reused)})", file=sys.stderr)
-    run_jobs(jobs, source, pro_variants=False, resume=resume, progress=progress,
-             what=f"ablation: {count(len(jobs), 'task')} ({count(len(chosen), 'variant')} x "
-                  f"{count(len(cats), 'category')} x {count(len(seeds), 'seed')})")
+    run_jobs(jobs, source, pro_variants=False, resume=resume, progress=progress, what=f"ablation: {what}")
+    if shard is None:
+        return write_ablation(out, chosen, cats, seeds, show=show)
+    print(f"share {shard[0]}/{shard[1]} finished in {out}: hand this folder back; the whole table: "
+          f"dmdd ablate --merge FOLDER [FOLDER ...] --out ALL", file=sys.stderr)
+    try:
+        return write_ablation(out, chosen, cats, seeds, show=show)
+    except FileNotFoundError:  # no variant has every category of a seed in this share: no row to show yet
+        return out
+
+
+def ablation_jobs(base: DMDDConfig, out: Path, variants: Sequence[Variant], categories: Sequence[str],
+                  seeds: Sequence[int]) -> list[Job]:
+    """Every task of an ablation in run order: seed by seed, then variant by variant, then category."""
+    configs = {v.name: v.config(base) for v in variants}  # raises on an impossible combination before any work
+    return [Job(Task(c, seed), configs[v.name].replace(seed=seed), out / v.name, f"seed {seed} {v.label} ({c})")
+            for seed in seeds for v in variants for c in categories]
+
+
+def parse_shard(text: str) -> tuple[int, int]:
+    """``"i/n"`` (the i-th of n shares, counted from 1) as ``(i, n)``; a clear error for anything else."""
+    try:
+        index, total = (int(part) for part in text.split("/"))
+    except ValueError:
+        raise ValueError(f"--shard {text!r}: expected i/n, e.g. 2/30 (the second of 30 shares)") from None
+    if not 1 <= index <= total:
+        raise ValueError(f"--shard {text!r}: i must be between 1 and n")
+    return index, total
+
+
+def shard_jobs(jobs: Sequence[Job], index: int, total: int) -> list[Job]:
+    """The ``index``-th of ``total`` shares (counted from 1): every ``total``-th job from the ``index``-th, so each
+    job is in exactly one share and the shares differ in size by at most one. A share with no job is an error
+    (more shares than tasks)."""
+    if not 1 <= index <= total:
+        raise ValueError(f"share {index}/{total}: the index must be between 1 and {total}")
+    share = list(jobs[index - 1 :: total])
+    if not share:
+        raise ValueError(f"share {index}/{total} has no task: the ablation has only {count(len(jobs), 'task')}; "
+                         f"split it into at most {len(jobs)} shares")
+    return share
+
+
+def merge_ablation(folders: Sequence[str | Path], out: str | Path, show: bool = True) -> Path:
+    """Gather the results of several ablation folders (the shares of one ablation, ``dmdd ablate --shard i/n``, run
+    by different people or machines) into ``out`` and write its table; return its path. Results already in
+    ``out`` count as one more folder.
+
+    Every result must belong to one ablation: full DMDD's first result found fixes the configuration, and each
+    variant's result must have that configuration with the variant's switches (device, precision and seed aside),
+    on the same kind of data, evaluated at the same resolution; anything else is an error naming the file. A task
+    found in several folders is taken from the first one and the others are named."""
+    from .train import RESUMABLE_DIFFERENCES, config_differences, saved_config
+
+    out = Path(out)
+    found: dict[tuple[str, str], tuple[Path, dict[str, Any]]] = {}
+    for folder in dict.fromkeys(Path(f).resolve() for f in [out, *folders]):
+        if folder != out.resolve() and not folder.is_dir():
+            raise FileNotFoundError(f"{folder} does not exist: --merge takes the folders of `dmdd ablate --out`")
+        paths = sorted(p for name in VARIANTS for p in (folder / name / RESULTS_DIR).glob("*.json"))
+        if not paths and folder != out.resolve():
+            raise FileNotFoundError(f"{folder} holds no ablation results (<variant>/{RESULTS_DIR}/*.json)")
+        for path in paths:
+            result = load_result(path)
+            if result is None:
+                raise ValueError(f"{path} cannot be read as a result: run its share again (it resumes)")
+            key = (path.parent.parent.name, path.stem)
+            if key in found:
+                print(f"{key[0]} {key[1]}: {path} left out, {found[key][0]} taken", file=sys.stderr)
+                continue
+            found[key] = (path, result)
+    references = [(path, r) for (name, _), (path, r) in found.items() if name == REFERENCE]
+    if not references:
+        raise FileNotFoundError(f"no full DMDD result in {', '.join(map(str, folders))}: every difference in the "
+                                f"table is taken to it; run the share that holds it")
+    first_path, first = references[0]
+    base = DMDDConfig.from_dict(saved_config(first["config"]))
+    teacher = (first.get("teacher") or {}).get("name")
+    if base.teacher == "auto" and teacher:
+        base = base.replace(teacher=teacher)
+
+    def setting(r: Mapping[str, Any]) -> tuple[Any, ...]:
+        ev = r["evaluation"]
+        return ({k: v for k, v in ev.get("data", {}).items() if k != "root"}, ev.get("metric_resolution_setting"))
+
+    for (name, _), (path, result) in found.items():
+        expected = VARIANTS[name].config(base)
+        differences = config_differences(result.get("config", {}), expected, RESUMABLE_DIFFERENCES | {"seed"},
+                                         (result.get("teacher") or {}).get("name"))
+        if setting(result) != setting(first):
+            differences.append(f"data and resolution {setting(result)}, not {setting(first)}")
+        if differences:
+            raise ValueError(f"{path} is not of the ablation of {first_path} ({'; '.join(differences)}): results "
+                             f"of another configuration cannot share one table")
+    for (name, stem), (path, result) in found.items():
+        target = out / name / RESULTS_DIR / f"{stem}.json"
+        if path.resolve() != target.resolve():
+            write_text_files(target.parent, {target.name: json.dumps(result, indent=1)})
+    chosen = select_variants(sorted({name for name, _ in found}))
+    cats = sorted({r["category"] for _, r in found.values()})
+    seeds = sorted({int(r["seed"]) for _, r in found.values()})
+    print(f"merged {count(len(found), 'result')} of {count(len(chosen), 'variant')} into {out}", file=sys.stderr)
     return write_ablation(out, chosen, cats, seeds, show=show)
 
 

@@ -178,6 +178,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", help="output folder (default runs/ablation/<dataset>_<preset>)")
     p.add_argument("--no-resume", dest="resume", action="store_false", help="train everything again, even tasks finished before")
     p.add_argument("--reference-from", dest="reference_from", metavar="DIR", help="a benchmark folder of the same configuration (dmdd benchmark --out, or results/real_data/<dataset>): its finished results stand for full DMDD's tasks instead of training them again")
+    p.add_argument("--shard", metavar="I/N", help="run only the I-th of N shares of the tasks (a class or several machines split one ablation; each task is in exactly one share), then hand the --out folder back for --merge")
+    p.add_argument("--merge", nargs="+", metavar="DIR", help="train nothing: gather the results of these ablation folders (the shares) into --out and write the whole table; results of another configuration are refused")
 
     p = sub.add_parser("download", help="download and extract MVTec AD, VisA or DTD (needs internet; resumable, checksum-verified)")
     p.add_argument("dataset", choices=sorted(DOWNLOADS), help="mvtec, visa, dtd (textures for the synthesis), or mpdd (prints how to get it by hand)")
@@ -297,7 +299,7 @@ def cmd_benchmark(args: argparse.Namespace) -> int:
 
 
 def cmd_ablate(args: argparse.Namespace) -> int:
-    from .ablation import VARIANTS, run_ablation, select_variants
+    from .ablation import VARIANTS, merge_ablation, parse_shard, run_ablation, select_variants
     from .interrupt import sigterm_as_interrupt
 
     if args.list:
@@ -305,13 +307,19 @@ def cmd_ablate(args: argparse.Namespace) -> int:
             switches = ", ".join(f"{k}={val!r}" for k, val in v.overrides.items()) or "the preset unchanged"
             print(f"{v.name:22s} {v.group:5s}  {v.label}: {switches}")
         return 0
+    if args.merge:
+        if not args.out:
+            raise ValueError("--merge needs --out: the folder the merged table goes to")
+        merge_ablation(args.merge, args.out)
+        return 0
     variants = select_variants(args.variants)
+    shard = parse_shard(args.shard) if args.shard else None
     cfg = _config(args)
     source = _source(args)
     out = Path(args.out or f"runs/ablation/{source.kind}_{cfg.preset_name}")
     sigterm_as_interrupt()
     run_ablation(cfg, source, out, variants=variants, categories=args.categories, seeds=args.seeds, resume=args.resume,
-                 reference_from=args.reference_from)
+                 reference_from=args.reference_from, shard=shard)
     return 0
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import csv
 import json
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -22,6 +23,7 @@ from dmdd_core.ablation import (
     VARIANTS,
     ablation_rows,
     load_ablation,
+    merge_ablation,
     paired_difference,
     reading,
     run_ablation,
@@ -209,6 +211,59 @@ def test_full_dmdd_taken_from_a_benchmark_folder_of_the_same_configuration(
                      seeds=[0], progress=False, show=False, reference_from=finished, resume=False)
 
 
+def test_shards_hold_every_task_exactly_once_and_differ_in_size_by_at_most_one() -> None:
+    jobs = ablation.ablation_jobs(smoke_config(), Path("abl"), select_variants(["destseg", "aim_margin"]),
+                                  ["brick", "grass"], [0, 1, 2])
+    every = sorted((j.folder.name, j.task.key) for j in jobs)
+    assert len(set(every)) == 18
+    for total in (1, 2, 4, 5, 18):
+        shares = [ablation.shard_jobs(jobs, i, total) for i in range(1, total + 1)]
+        assert sorted((j.folder.name, j.task.key) for share in shares for j in share) == every
+        assert max(map(len, shares)) - min(map(len, shares)) <= 1
+    with pytest.raises(ValueError, match="only 18 tasks"):
+        ablation.shard_jobs(jobs, 19, 19)
+    assert ablation.parse_shard("2/30") == (2, 30)
+    for bad in ("0/3", "4/3", "3", "a/b", "1/2/3"):
+        with pytest.raises(ValueError, match="--shard"):
+            ablation.parse_shard(bad)
+
+
+def _split_into_shares(small: dict[str, Any], folder: Path, total: int) -> list[Path]:
+    """The small ablation's results handed back as ``total`` shares would hand them: share i holds its tasks."""
+    jobs = ablation.ablation_jobs(smoke_config(), small["out"], small["variants"], ["brick"], [0, 1])
+    for i in range(1, total + 1):
+        for job in ablation.shard_jobs(jobs, i, total):
+            target = folder / f"share{i}" / job.folder.name / "results" / job.result_path.name
+            target.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy(job.result_path, target)
+    return [folder / f"share{i}" for i in range(1, total + 1)]
+
+
+def test_merging_the_shares_gives_the_unsplit_table(small_ablation: dict[str, Any], tmp_path: Path) -> None:
+    shares = _split_into_shares(small_ablation, tmp_path, 4)
+    assert all(len(list(share.glob("*/results/*.json"))) in (1, 2) for share in shares)
+    table = merge_ablation(shares, tmp_path / "all", show=False)
+    assert table.read_text() == (small_ablation["out"] / "ablation.md").read_text()
+    assert load_ablation(tmp_path / "all") == load_ablation(small_ablation["out"])
+
+
+def test_merge_refuses_another_configuration_and_needs_full_dmdd(small_ablation: dict[str, Any],
+                                                                  tmp_path: Path) -> None:
+    shares = _split_into_shares(small_ablation, tmp_path, 2)
+    changed = next(shares[1].glob("destseg/results/*.json"))
+    record = json.loads(changed.read_text())
+    record["config"]["beta_max"] = 0.5
+    changed.write_text(json.dumps(record))
+    with pytest.raises(ValueError, match=r"destseg.*not of the ablation.*beta_max"):
+        merge_ablation(shares, tmp_path / "all", show=False)
+    for path in tmp_path.glob(f"share*/{REFERENCE}"):
+        shutil.rmtree(path)
+    with pytest.raises(FileNotFoundError, match="no full DMDD result"):
+        merge_ablation(shares, tmp_path / "all2", show=False)
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        merge_ablation([tmp_path / "nowhere"], tmp_path / "all3", show=False)
+
+
 def test_a_benchmarks_pro_variants_are_dropped_from_a_reused_result() -> None:
     evaluation = {"dmdd": {"aupro": 0.5, "aupro_per_image": 0.6, "aupro_linear_200": 0.55, "pixel_auroc": 0.9},
                   "padim": {"aupro": 0.4, "aupro_per_image": 0.3}, "naive_baseline": {},
@@ -236,6 +291,19 @@ def test_cli_lists_variants_and_runs_an_ablation(builtin_root: Path, tmp_path: P
     assert code == 0
     assert "AIM margin 0.5" in (out / "ablation.md").read_text()
     assert main(["ablate", "--variants", "nope", "--out", str(out)]) == 2
+    # the same ablation in two shares: share 2/2 trains the AIM-margin task only; the merge equals the unsplit table
+    share = tmp_path / "share2"
+    assert main(["ablate", "--preset", "smoke", "--teacher", "tf_efficientnet_lite0", "--device", "cpu", "--data",
+                 str(builtin_root), "--categories", "brick", "--seeds", "0", "--variants", "aim_margin", "--out",
+                 str(share), "--shard", "2/2"]) == 0
+    assert [p.relative_to(share).as_posix() for p in share.glob("*/results/*.json")] == [
+        "aim_margin/results/brick__seed0.json"]
+    shutil.copytree(out / REFERENCE / "results", tmp_path / "share1" / REFERENCE / "results")
+    assert main(["ablate", "--merge", str(tmp_path / "share1"), str(share), "--out", str(tmp_path / "all")]) == 0
+    merged = {r["name"]: r for r in load_ablation(tmp_path / "all")["rows"]}
+    unsplit = {r["name"]: r for r in load_ablation(out)["rows"]}
+    assert merged["aim_margin"]["pixel_auroc"]["per_seed"] == unsplit["aim_margin"]["pixel_auroc"]["per_seed"]
+    assert main(["ablate", "--merge", str(share)]) == 2  # --out is needed
 
 
 def test_ablation_tasks_run_seed_by_seed(builtin_root: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
