@@ -36,16 +36,14 @@ import argparse
 import json
 import time
 import warnings
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from typing import Any
 
 import torch
-from torch.utils.flop_counter import FlopCounterMode
 
 from dmdd_core.config import DMDDConfig
-from dmdd_core.data import SyntheticPairs, TrainPair, ensure_builtin_dataset
-from dmdd_core.model import DMDD
-from dmdd_core.train import distillation_step, segmentation_step
+from dmdd_core.data import SyntheticPairs, ensure_builtin_dataset
+from dmdd_core.estimate import count_flops, step_flops  # noqa: F401 (count_flops: part of this script's interface)
 
 DATASETS = {  # categories, training images, test images (the datasets' own counts)
     "MVTec AD": (15, 3629, 1725),
@@ -58,8 +56,10 @@ per 100 maps), with margin for the original-resolution option."""
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--preset", default="paper", help="the preset estimated (default paper; lab: the T4 setting)")
     p.add_argument("--tflops", type=float, nargs=2, default=(60.0, 200.0), metavar=("LOW", "HIGH"),
-                   help="sustained bf16 TFLOPS of the GPU on these nets, low and high (default 60 200: an H100)")
+                   help="sustained TFLOPS of the GPU on these nets in the run's precision (bf16, or fp16 on a T4), "
+                        "low and high (default 60 200: an H100; a T4 in fp16: 8 20)")
     p.add_argument("--synthesis-ms", dest="synthesis_ms", type=float, default=5.0,
                    help="GPU milliseconds to make one batch of training pairs (default 5)")
     p.add_argument("--step-overhead", dest="step_overhead", type=float, default=15.0,
@@ -69,38 +69,6 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
                    help="batch the FLOPs are counted at, then scaled to the preset's (default 2)")
     p.add_argument("--json", help="also write the figures to this JSON file")
     return p.parse_args(argv)
-
-
-def count_flops(fn: Callable[[], Any]) -> int:
-    """Floating-point operations of one call of ``fn`` (forward and backward, as FlopCounterMode counts them)."""
-    counter = FlopCounterMode(display=False)
-    with counter:
-        fn()
-    return int(counter.get_total_flops())
-
-
-def step_flops(cfg: DMDDConfig, batch: int) -> dict[str, float]:
-    """FLOPs of one stage-1 step, one stage-2 step (at the preset's batch) and of inference per image."""
-    model = DMDD(cfg.replace(teacher_pretrained=False))
-    size = cfg.image_size
-    pair = TrainPair(torch.rand(batch, 3, size, size), torch.rand(batch, 3, size, size),
-                     (torch.rand(batch, 1, size, size) > 0.9).float())
-
-    def stage1() -> None:
-        distillation_step(model, pair, cfg)["loss"].backward()
-
-    def stage2() -> None:
-        segmentation_step(model, pair, cfg)["loss"].backward()
-
-    def infer() -> None:
-        model.eval()
-        with torch.no_grad():
-            model(pair.augmented)
-        model.train()
-
-    scale = cfg.batch_size / batch
-    return {"stage1": count_flops(stage1) * scale, "stage2": count_flops(stage2) * scale,
-            "inference_per_image": count_flops(infer) / batch}
 
 
 def cpu_pairs_per_second(cfg: DMDDConfig, seconds: float = 3.0) -> float:
@@ -144,12 +112,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
     warnings.filterwarnings("ignore")
     torch.manual_seed(0)
-    cfg = DMDDConfig.preset("paper", teacher="resnet18")
+    cfg = DMDDConfig.preset(args.preset, teacher="resnet18")
     started = time.perf_counter()
     flops = step_flops(cfg, args.count_batch)
     rate = cpu_pairs_per_second(cfg)
     result = estimate(flops, args, cfg)
-    print(f"paper preset: {cfg.image_size}², batch {cfg.batch_size}, {cfg.stage1_steps} + {cfg.stage2_steps} steps, "
+    print(f"{args.preset} preset: {cfg.image_size}², batch {cfg.batch_size}, {cfg.stage1_steps} + {cfg.stage2_steps} steps, "
           f"teacher {cfg.teacher}, {args.seeds} seeds")
     print(f"measured: stage-1 step {flops['stage1'] / 1e12:.2f} TFLOP, stage-2 step {flops['stage2'] / 1e12:.2f} TFLOP, "
           f"inference {flops['inference_per_image'] / 1e9:.1f} GFLOP per image; "

@@ -100,7 +100,7 @@ def _config(args: argparse.Namespace) -> DMDDConfig:
 
 
 def _add_common(p: argparse.ArgumentParser, preset: str = AUTO_PRESET) -> None:
-    p.add_argument("--preset", default=preset, choices=[AUTO_PRESET, *sorted(PRESETS)], help="settings preset: 'paper' is the full setting of the method card (GPU), 'cpu' trains at 256x256 in at most 15 min per category on 2 CPU cores, 'fast' at 128x128 in a few minutes (a first look), 'auto' is paper with a CUDA GPU, else cpu "
+    p.add_argument("--preset", default=preset, choices=[AUTO_PRESET, *sorted(PRESETS)], help="settings preset: 'paper' is the full setting of the method card (GPU), 'cpu' trains at 256x256 in at most 15 min per category on 2 CPU cores, 'fast' at 128x128 in a few minutes (a first look), 'lab' at 256x256 in about 7 min per category on a T4, 'auto' is paper with a CUDA GPU, else cpu "
                    f"(default: {preset})")
     p.add_argument("--data", default=BUILTIN, help="dataset root, 'builtin' for the generated offline dataset (default), or 'elpv' for the ELPV solar cells of the installed elpv-dataset package (image labels only)")
     _add_data_options(p)

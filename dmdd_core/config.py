@@ -259,15 +259,22 @@ TUTORIAL_FAST_MODE: dict[str, Any] = {"stage1_steps": 100, "stage2_steps": 60, "
 """The fast preset shortened for fast mode (DMDD_FAST=1): about a minute and a half on two CPU cores."""
 
 
+def gpu_preset() -> str:
+    """The preset the notebooks train on a GPU: ``lab`` (minutes on a T4), or ``paper`` when ``DMDD_PAPER`` is set
+    to 1/true/yes (the one switch for the paper's full setting, hours per category on a T4)."""
+    return "paper" if os.environ.get("DMDD_PAPER", "").strip().lower() in ("1", "true", "yes") else "lab"
+
+
 def tutorial_config(**overrides: Any) -> DMDDConfig:
     """The model the notebooks train and study, and the test suite shares: the ``fast`` preset shortened by
-    :data:`TUTORIAL_FAST_MODE` in fast mode; otherwise the ``paper`` preset on a GPU, the ``fast`` preset on a
-    CPU. Every notebook that only needs *a* trained model asks for this one, so it is trained once."""
+    :data:`TUTORIAL_FAST_MODE` in fast mode; otherwise :func:`gpu_preset` on a GPU (``lab``, or ``paper`` with
+    ``DMDD_PAPER=1``), the ``fast`` preset on a CPU. Every notebook that only needs *a* trained model asks for this
+    one, so it is trained once."""
     if is_fast_mode():
         return DMDDConfig.preset("fast", **{**TUTORIAL_FAST_MODE, **overrides})
     import torch
 
-    return DMDDConfig.preset("paper" if torch.cuda.is_available() else "fast", **overrides)
+    return DMDDConfig.preset(gpu_preset() if torch.cuda.is_available() else "fast", **overrides)
 
 
 def tutorial_run_name(cfg: DMDDConfig, category: str, data: str = "builtin") -> str:
@@ -314,6 +321,18 @@ PRESETS: dict[str, dict[str, Any]] = {
         batch_size=8,
         seg_channels=64,
         checkpoint_every=50,
+    ),
+    # One T4 (Colab's free GPU, fp16), at most 10 minutes of training per category: every component at the paper's
+    # input size; half the batch, a 128-channel segmentation body (the 256-channel one is 80 % of a paper stage-2
+    # step's operations), 1000 + 2000 steps. Counted with the ResNet18 teacher (benchmarks/gpu_estimate.py --preset
+    # lab --tflops 8 20): 0.65 TFLOP per stage-1 step and 1.14 per stage-2 step (paper: 1.31 and 5.84), 7.1 min of
+    # training at 8 TFLOPS sustained (an eighth of the T4's fp16 peak, dmdd_core.estimate), 3.4 min at 20. [ours]
+    "lab": dict(
+        batch_size=16,
+        seg_channels=128,
+        stage1_steps=1000,
+        stage2_steps=2000,
+        checkpoint_every=500,
     ),
     # A handful of steps and a narrow segmentation network: checks that everything runs. [ours]
     "smoke": dict(
