@@ -10,7 +10,7 @@ else
 TORCH_PINS ?= torch==2.9.1 torchvision==0.24.1
 endif
 
-.PHONY: setup quickstart test lint clean
+.PHONY: setup quickstart test lint wheel clean
 
 setup: $(VENV)/.installed
 
@@ -25,10 +25,16 @@ quickstart: setup
 test: setup
 	HF_HUB_OFFLINE=1 DMDD_FAST=1 $(VENV)/bin/python -m pytest -q tests notebooks --nbval-lax --nbval-current-env --durations=15
 
+# A wheel of the package (dist/dmdd_core-<version>-py3-none-any.whl): what an instructor hands out when the
+# repository cannot be reached (a notebook's install cell takes it through DMDD_INSTALL). It names torch as
+# torch>=2.3 and pins nothing: an environment's own torch (Colab's) is kept.
+wheel: setup
+	$(VENV)/bin/python -m pip wheel --quiet --no-deps --no-build-isolation -w dist .
+
 lint: setup
 	$(VENV)/bin/python -m pip install --quiet ruff mypy
 	$(VENV)/bin/ruff check dmdd_core tests benchmarks
 	$(VENV)/bin/mypy dmdd_core
 
 clean:
-	rm -rf $(VENV) runs .pytest_cache
+	rm -rf $(VENV) runs .pytest_cache dist

@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from .catalog import DATASET_KINDS, DOWNLOADS
-from .config import AMP_MODES, PRESETS, DMDDConfig
+from .config import AMP_MODES, PRESETS, DMDDConfig, runs_dir
 
 if TYPE_CHECKING:
     from .data import DataSource
@@ -157,7 +157,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("quickstart", help="train and evaluate every category of a dataset, print metrics beside PaDiM and the naive baseline, write figures")
     _add_common(p, preset="fast")
     p.add_argument("--categories", nargs="+", help="categories (default: all)")
-    p.add_argument("--out", default="runs/quickstart", help="output folder (default runs/quickstart)")
+    p.add_argument("--out", help="output folder (default runs/quickstart, under $DMDD_HOME when set)")
     p.add_argument("--no-resume", dest="resume", action="store_false", help="train again even where --out holds finished runs")
     p = sub.add_parser("benchmark", help="train and evaluate every category (several seeds), resumable, sharded over torchrun ranks; tables beside the published numbers")
     _add_common(p)
@@ -218,7 +218,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     if not categories:
         raise FileNotFoundError(f"no categories in {source.root} (read as {source.kind}); check --data and --dataset")
     category = args.category or categories[0]
-    out = Path(args.out or f"runs/{category}")
+    out = Path(args.out or runs_dir(category))
     device = select_device(cfg.device)
     print(f"training DMDD ({cfg.preset_name} preset) on {source.root} ({source.kind}), category {category} -> {out}; "
           f"{device}, precision {precision_for(cfg, device)} (--amp {cfg.amp})")
@@ -276,7 +276,7 @@ def cmd_quickstart(args: argparse.Namespace) -> int:
     cfg = _config(args)
     source = _source(args)
     categories = args.categories or source.categories()
-    quickstart(cfg, source, categories, Path(args.out), skip_bad=args.skip_bad, resume=args.resume)
+    quickstart(cfg, source, categories, Path(args.out or runs_dir("quickstart")), skip_bad=args.skip_bad, resume=args.resume)
     return 0
 
 
@@ -291,7 +291,7 @@ def cmd_benchmark(args: argparse.Namespace) -> int:
         return 0
     cfg = _config(args)
     source = _source(args)
-    out = Path(args.out or f"runs/benchmark/{source.kind}_{cfg.preset_name}")
+    out = Path(args.out or runs_dir("benchmark", f"{source.kind}_{cfg.preset_name}"))
     sigterm_as_interrupt()  # a scheduler's or torchrun's SIGTERM stops like Ctrl-C; a rerun resumes
     run_benchmark(cfg, source, out, categories=args.categories, seeds=args.seeds, resolution=args.resolution,
                   pro_variants=args.pro_variants, resume=args.resume, skip_bad=args.skip_bad)
@@ -316,7 +316,7 @@ def cmd_ablate(args: argparse.Namespace) -> int:
     shard = parse_shard(args.shard) if args.shard else None
     cfg = _config(args)
     source = _source(args)
-    out = Path(args.out or f"runs/ablation/{source.kind}_{cfg.preset_name}")
+    out = Path(args.out or runs_dir("ablation", f"{source.kind}_{cfg.preset_name}"))
     sigterm_as_interrupt()
     run_ablation(cfg, source, out, variants=variants, categories=args.categories, seeds=args.seeds, resume=args.resume,
                  reference_from=args.reference_from, shard=shard)

@@ -250,9 +250,12 @@ def is_fast_mode() -> bool:
 
 
 def runs_dir(*parts: str) -> Path:
-    """Where the notebooks keep their training runs: ``$DMDD_RUNS`` if set (the test suite sets one folder for
-    the whole session, so a model trained once is loaded everywhere else), else ``runs/``."""
-    return Path(os.environ.get("DMDD_RUNS", "").strip() or "runs").expanduser().joinpath(*parts)
+    """Where training runs go, the notebooks' and the command line's default ``--out``: ``$DMDD_RUNS`` if set (the
+    test suite sets one folder for the whole session, so a model trained once is loaded everywhere else), else
+    ``$DMDD_HOME/runs`` (one root for data and runs, e.g. a Drive folder on Colab), else ``runs/``."""
+    home = os.environ.get("DMDD_HOME", "").strip()
+    default = str(Path(home) / "runs") if home else "runs"
+    return Path(os.environ.get("DMDD_RUNS", "").strip() or default).expanduser().joinpath(*parts)
 
 
 TUTORIAL_FAST_MODE: dict[str, Any] = {"stage1_steps": 100, "stage2_steps": 60, "batch_size": 4}

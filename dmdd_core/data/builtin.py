@@ -56,9 +56,11 @@ _FOREIGN_MATERIAL = {"brick": "gravel", "grass": "gravel", "gravel": "grass"}
 
 
 def default_data_root() -> Path:
-    """``$DMDD_DATA`` if set, else ``~/.cache/dmdd``: the folder holding ``builtin_v<VERSION>``."""
+    """``$DMDD_DATA`` if set, else ``$DMDD_HOME/data`` (one root for data and runs, e.g. a Drive folder on Colab),
+    else ``~/.cache/dmdd``: the folder holding ``builtin_v<VERSION>`` and the downloads."""
     env = os.environ.get("DMDD_DATA", "").strip()
-    return Path(env).expanduser() if env else Path.home() / ".cache" / "dmdd"
+    home = os.environ.get("DMDD_HOME", "").strip()
+    return Path(env).expanduser() if env else Path(home).expanduser() / "data" if home else Path.home() / ".cache" / "dmdd"
 
 
 def _source_texture(category: str) -> np.ndarray:
