@@ -138,7 +138,7 @@ class DownloadSource:
     manual: str
     """How to get the archive by hand (no stable address, offline machine, a link that moved)."""
     usage: str = "Pass --data {path} to dmdd."
-    """What to do with the extracted folder; ``{path}`` is replaced by it."""
+    """What to do with the extracted folder; ``{path}`` is replaced by it, ``{parent}`` by the folder above it."""
     archive_has_folder: bool = False
     """True when the archive's entries sit inside one folder named :attr:`folder` (DTD's ``dtd/``); False when
     they sit at its top level (MVTec AD, VisA), so it is extracted *into* the folder."""
@@ -252,3 +252,50 @@ DOWNLOADS: dict[str, DownloadSource] = {
 }
 """Every archive ``dmdd download`` knows, by name: the datasets of :data:`DATASETS` that have one, and DTD (the
 textures of the synthesis). [addresses and checksums: anomalib's dataset modules and the datasets' pages]"""
+
+
+# --- MVTec AD, one category at a time ---------------------------------------------------------------------------
+MVTEC_CATEGORY_ARCHIVES: dict[str, str] = {
+    "bottle": "420937370-1629951468", "cable": "420937413-1629951498", "capsule": "420937454-1629951595",
+    "carpet": "420937484-1629951672", "grid": "420937487-1629951814", "hazelnut": "420937545-1629951845",
+    "leather": "420937607-1629951964", "metal_nut": "420937637-1629952063", "pill": "420938129-1629953099",
+    "screw": "420938130-1629953152", "tile": "420938133-1629953189", "toothbrush": "420938134-1629953256",
+    "transistor": "420938166-1629953277", "wood": "420938383-1629953354", "zipper": "420938385-1629953449",
+}  # fmt: skip
+"""MVTec AD is published per category as well as whole: each category's archive ``<category>.tar.xz`` (its folder
+``<category>/`` inside) has this identifier in the address. [the addresses of MVTec's download share, as listed
+by several public projects]"""
+MVTEC_CATEGORY_MIRRORS: tuple[str, ...] = (
+    "https://www.mydrive.ch/shares/38536/3830184030e49fe74747669442f0f282/download/{archive}/{category}.tar.xz",
+)
+"""Address templates of the per-category archives, tried in order (``{archive}``: the identifier above)."""
+MVTEC_CATEGORY_SHA256: dict[str, str] = {}
+"""SHA-256 of each per-category archive, where one is known. MVTec publishes none and none has been verified here:
+until one is added, a category's archive is not checked against a known digest; its own SHA-256 is printed and
+recorded in the category's marker file, so two downloads can be compared."""
+
+
+def mvtec_category_source(category: str, mirrors: tuple[str, ...] = MVTEC_CATEGORY_MIRRORS) -> DownloadSource:
+    """The download of one MVTec AD category: extracted to ``mvtec_anomaly_detection/<category>``, beside the
+    other categories, so the folder reads like the whole dataset with fewer categories."""
+    if category not in MVTEC_CATEGORY_ARCHIVES:
+        raise ValueError(f"unknown MVTec AD category {category!r}; choose among {', '.join(MVTEC_CATEGORIES)}")
+    whole = DOWNLOADS["mvtec"]
+    urls = [m.format(archive=MVTEC_CATEGORY_ARCHIVES[category], category=category) for m in mirrors]
+    return DownloadSource(
+        name=f"mvtec:{category}",
+        title=f"MVTec AD, category {category}",
+        url=urls[0],
+        sha256=MVTEC_CATEGORY_SHA256.get(category),
+        archive=f"{category}.tar.xz",
+        size=None,
+        licence=whole.licence,
+        folder=f"{whole.folder}/{category}",
+        layout="train/good/*.png\ntest/<type>/*.png\nground_truth/<type>/<stem>_mask.png",
+        manual=("MVTec changes its download links from time to time. If this one fails, open "
+                "https://www.mvtec.com/company/research/datasets/mvtec-ad/downloads, accept the licence and download "
+                f"the category's archive ({category}.tar.xz)."),
+        usage="Pass --data {parent} to dmdd: the folder of the categories, read as MVTec AD (its rotation policies).",
+        archive_has_folder=True,
+        alternative_urls=tuple(urls[1:]),
+    )

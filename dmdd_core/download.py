@@ -62,6 +62,7 @@ import re
 import shlex
 import shutil
 import socket
+import sys
 import tarfile
 import tempfile
 import threading
@@ -70,7 +71,7 @@ import urllib.parse
 import urllib.request
 import zipfile
 import zlib
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path, PurePosixPath
 from typing import Any
 
@@ -130,6 +131,10 @@ class _RestartFromZero(Exception):
 
 
 # --- small helpers -------------------------------------------------------------------------------------------
+
+
+def _host(url: str) -> str:
+    return urllib.parse.urlsplit(url).netloc
 
 
 def get_source(name: str) -> DownloadSource:
@@ -230,13 +235,15 @@ def manual_instructions(
     if archive.endswith(".zip"):
         lines += ["     for example:", f"       unzip {shlex.quote(archive)} -d {shlex.quote(str(target))}"]
     elif archive and src.archive_has_folder:
-        lines += ["     for example:", f"       tar -xf {shlex.quote(archive)} -C {shlex.quote(str(base))}"]
+        parent = base / PurePosixPath(src.folder).parent  # the folder holding the archive's own folder
+        lines += ["     for example:", f"       mkdir -p {shlex.quote(str(parent))} && tar -xf {shlex.quote(archive)} "
+                                       f"-C {shlex.quote(str(parent))}"]
     elif archive:
         quoted = shlex.quote(str(target))
         lines += ["     for example:", f"       mkdir -p {quoted} && tar -xf {shlex.quote(archive)} -C {quoted}"]
     lines.append("     with this layout:")
     lines += [f"       {target}/{pattern}" for pattern in src.layout.splitlines()]
-    lines.append(f"  3. {src.usage.format(path=target)}")
+    lines.append(f"  3. {src.usage.format(path=target, parent=target.parent)}")
     return "\n".join(lines)
 
 
@@ -634,7 +641,43 @@ def download_dataset(
     :class:`IncompleteDownload` when the transfer stops early (run again to resume); ValueError for a checksum
     mismatch or a damaged archive; FileExistsError when ``root/<folder>`` exists without the marker.
     """
-    source = get_source(name)
+    return _fetch(get_source(name), root, progress=progress, timeout=timeout, keep_archive=keep_archive, url=url,
+                  sha256=sha256)
+
+
+def download_mvtec_categories(
+    categories: Sequence[str],
+    root: str | Path,
+    *,
+    progress: bool | None = None,
+    timeout: float = 15.0,
+    keep_archive: bool = False,
+    mirrors: Sequence[str] | None = None,
+) -> Path:
+    """Download only these MVTec AD categories, each its own archive (MVTec publishes them per category as well as
+    whole), into ``root/mvtec_anomaly_detection/<category>``; return ``root/mvtec_anomaly_detection``, the folder to
+    pass as ``--data``. A lab needs one or three categories, not the 4.9 GiB of all fifteen.
+
+    Each archive is handled like a whole dataset's (:func:`download_dataset`): skipped when its folder is complete,
+    resumable, extracted atomically with its marker file. The addresses are tried in order
+    (:data:`~dmdd_core.catalog.MVTEC_CATEGORY_MIRRORS`, or ``mirrors``: templates with ``{archive}`` and
+    ``{category}``). An archive is checked against its SHA-256 where one is known
+    (:data:`~dmdd_core.catalog.MVTEC_CATEGORY_SHA256`); otherwise its own SHA-256 is printed and recorded in the
+    marker. When the whole dataset is already there, nothing is downloaded."""
+    from .catalog import MVTEC_CATEGORY_MIRRORS, mvtec_category_source
+
+    sources = [mvtec_category_source(c, tuple(mirrors or MVTEC_CATEGORY_MIRRORS)) for c in categories]
+    folder = Path(root).expanduser() / get_source("mvtec").folder
+    if read_marker(folder) is not None:
+        return folder
+    for source in sources:
+        _fetch(source, root, progress=progress, timeout=timeout, keep_archive=keep_archive)
+    return folder
+
+
+def _fetch(source: DownloadSource, root: str | Path, *, progress: bool | None, timeout: float, keep_archive: bool,
+           url: str | None = None, sha256: str | None = None) -> Path:
+    """Download, verify and extract one archive of the registry (or of a category) under ``root``."""
     base = Path(root).expanduser()
     target = base / source.folder
     if read_marker(target) is not None:
@@ -657,8 +700,9 @@ def download_dataset(
             download(address, archive, sha256=checksum, progress=progress, timeout=timeout)
             break
         except DownloadUnavailable as exc:
-            # Another address is worth a try only when the server answered (a moved link), not when offline.
-            if exc.http_status is not None and index + 1 < len(urls):
+            # Another address is worth a try when the server answered (a moved link) or lives on another host;
+            # not when the same host cannot be reached (offline).
+            if index + 1 < len(urls) and (exc.http_status is not None or _host(urls[index + 1]) != _host(address)):
                 log.info("%s; trying %s", exc, urls[index + 1])
                 continue
             raise DownloadUnavailable(
@@ -673,7 +717,11 @@ def download_dataset(
         "sha256": checksum,
         "archive_bytes": archive.stat().st_size,
     }
-    extract(archive, target, expected_folder=source.folder, marker=record, progress=progress)
+    if checksum is None:
+        record["sha256_unverified"] = file_sha256(archive)
+        print(f"{source.title}: no known SHA-256 to check {archive.name} against; its SHA-256 is "
+              f"{record['sha256_unverified']} (recorded in {MARKER_NAME})", file=sys.stderr)
+    extract(archive, target, expected_folder=PurePosixPath(source.folder).name, marker=record, progress=progress)
     if not keep_archive:
         archive.unlink(missing_ok=True)
     return target

@@ -513,3 +513,71 @@ def test_cli_download_gives_a_dataset_the_loaders_read(server: FileServer, tmp_p
     assert main(offline) == 3
     err = capsys.readouterr().err
     assert "could not be reached" in err and f"--data {tmp_path / 'v' / 'visa'}" in err
+
+
+# --- MVTec AD one category at a time ---------------------------------------------------------------------------
+def _category_tar(category: str) -> bytes:
+    """A per-category archive as MVTec publishes it: one folder, ``<category>/``."""
+    files = {f"{category}/train/good/000.png": b"\x89PNG " + category.encode() + _noise(3000),
+             f"{category}/test/good/000.png": b"\x89PNG test", f"{category}/test/crack/000.png": b"\x89PNG crack",
+             f"{category}/ground_truth/crack/000_mask.png": b"\x89PNG mask"}
+    buffer = io.BytesIO()
+    with tarfile.open(fileobj=buffer, mode="w:xz") as tf:
+        for name, data in files.items():
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tf.addfile(info, io.BytesIO(data))
+    return buffer.getvalue()
+
+
+def test_mvtec_categories_one_archive_each_after_a_dead_mirror(server: FileServer, tmp_path: Path,
+                                                              capsys: pytest.CaptureFixture[str]) -> None:
+    from dmdd_core.catalog import MVTEC_CATEGORY_ARCHIVES
+    from dmdd_core.data import open_source
+
+    payloads = {c: _category_tar(c) for c in ("bottle", "carpet")}
+    for category, data in payloads.items():
+        server.files[f"/good/{MVTEC_CATEGORY_ARCHIVES[category]}/{category}.tar.xz"] = data
+    closed = closed_port_url().rsplit("/", 1)[0]
+    mirrors = [closed + "/{archive}/{category}.tar.xz",  # nobody listens: the next mirror is tried
+               server.url("/dead/{archive}/{category}.tar.xz"),  # answers 404: the next mirror is tried
+               server.url("/good/{archive}/{category}.tar.xz")]
+    folder = dl.download_mvtec_categories(["bottle", "carpet"], tmp_path, mirrors=mirrors)
+    assert folder == tmp_path / "mvtec_anomaly_detection"
+    assert sorted(p.name for p in folder.iterdir()) == ["bottle", "carpet"] and not list(tmp_path.glob("*.tar.xz"))
+    assert [p for p, _ in server.requests] == [
+        f"/{kind}/{MVTEC_CATEGORY_ARCHIVES[c]}/{c}.tar.xz" for c in ("bottle", "carpet") for kind in ("dead", "good")]
+    for category, data in payloads.items():
+        marker = dl.read_marker(folder / category)
+        assert marker["sha256"] is None and marker["sha256_unverified"] == sha(data)
+        assert (folder / category / "ground_truth" / "crack" / "000_mask.png").read_bytes() == b"\x89PNG mask"
+    assert "no known SHA-256" in capsys.readouterr().err
+    assert open_source(folder).categories() == ["bottle", "carpet"]  # reads like the whole dataset
+    asked = len(server.requests)
+    assert dl.download_mvtec_categories(["carpet"], tmp_path, mirrors=mirrors) == folder
+    assert len(server.requests) == asked  # finished categories: no network
+
+
+def test_a_known_category_checksum_is_checked(server: FileServer, tmp_path: Path,
+                                              monkeypatch: pytest.MonkeyPatch) -> None:
+    from dmdd_core import catalog
+
+    server.files[f"/{catalog.MVTEC_CATEGORY_ARCHIVES['screw']}/screw.tar.xz"] = _category_tar("screw")
+    monkeypatch.setitem(catalog.MVTEC_CATEGORY_SHA256, "screw", "0" * 64)
+    with pytest.raises(ValueError, match="Checksum mismatch"):
+        dl.download_mvtec_categories(["screw"], tmp_path, mirrors=[server.url("/{archive}/{category}.tar.xz")])
+    assert not (tmp_path / "mvtec_anomaly_detection" / "screw").exists()
+    with pytest.raises(ValueError, match="unknown MVTec AD category 'bolt'"):
+        dl.download_mvtec_categories(["bolt"], tmp_path)
+
+
+def test_cli_downloads_mvtec_categories_and_refuses_them_elsewhere(monkeypatch: pytest.MonkeyPatch,
+                                                                    tmp_path: Path) -> None:
+    from dmdd_core.cli import main
+
+    calls: list[tuple[list[str], Path]] = []
+    monkeypatch.setattr(dl, "download_mvtec_categories",
+                        lambda cats, root, **kw: calls.append((list(cats), Path(root))) or Path(root) / "m")
+    assert main(["download", "mvtec", "--categories", "bottle", "carpet", "--root", str(tmp_path)]) == 0
+    assert calls == [(["bottle", "carpet"], tmp_path)]
+    assert main(["download", "visa", "--categories", "candle", "--root", str(tmp_path)]) == 2

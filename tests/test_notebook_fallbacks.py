@@ -30,6 +30,7 @@ def gpu_without_downloads(monkeypatch: pytest.MonkeyPatch, builtin_root: Path) -
     monkeypatch.delenv("DMDD_PAPER", raising=False)
     monkeypatch.setenv("DMDD_DATA", str(builtin_root.parent))
     monkeypatch.setattr(download, "download_dataset", unavailable)
+    monkeypatch.setattr(download, "download_mvtec_categories", lambda categories, *a, **kw: unavailable("mvtec"))
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "Tesla T4")
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (7, 5))
