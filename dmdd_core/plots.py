@@ -145,3 +145,76 @@ def example_figure(ev: Any, per_kind: int = 2, pixel_threshold: float | None = N
     masks = [preds.masks[i] for _, i in picks] if getattr(ev, "pixel_labels", True) else None
     maps = [preds.maps[i] for _, i in picks]
     return anomaly_examples(images, masks, maps, titles, threshold=pixel_threshold, threshold_label="(val F1-max)")
+
+
+# --- the map of the method ----------------------------------------------------------------------------------------
+METHOD_MAP_BOXES: dict[str, tuple[float, float, str, str]] = {
+    # name: (x, y, text, kind); kinds colour the boxes: data, frozen, stage 1, stage 2, output
+    "normal": (1.45, 4.8, "normal training\nimage I", "data"),
+    "synth": (1.45, 2.9, "synthesis: Perlin mask M,\ntexture (or patch, stroke,\nbrightness) pasted in", "data"),
+    "aug": (1.45, 1.0, "anomalous image\nI_aug, its mask M", "data"),
+    "teacher": (5.0, 2.9, "teacher T\nImageNet CNN, frozen\nlevels 1-3", "frozen"),
+    "student": (5.0, 1.0, "student S\nencoder-decoder", "stage 1"),
+    "heads": (8.55, 1.0, "decouple heads, per level\nS -> F_n | F_a", "stage 1"),
+    "ngm": (8.55, 4.8, "NGM: F_n(I_aug) mimics T(I)\n1 - cos, every pixel", "stage 1"),
+    "aim": (8.55, 2.9, "AIM: inside M, cos(F_a, T(I_aug))\npushed to <= m; outside,\nF_a mimics T(I_aug)",
+            "stage 1"),
+    "seginput": (12.1, 2.9, "segmentation input\n-(T(I_aug) . F_n), -(T(I_aug) . F_a)\nnormalised, 3 levels, stride 4",
+                 "stage 2"),
+    "msn": (12.1, 1.0, "multi-perception\nsegmentation network\nfocal + L1 against M", "stage 2"),
+    "output": (15.65, 1.0, "anomaly map;\nscore: mean of\nthe top-k pixels", "output"),
+}
+METHOD_MAP_ARROWS: tuple[tuple[str, str, str, float], ...] = (
+    # start, end, label, curvature
+    ("normal", "synth", "", 0.0), ("synth", "aug", "", 0.0), ("normal", "teacher", "I", 0.0),
+    ("aug", "teacher", "I_aug", 0.0), ("aug", "student", "I_aug", 0.0), ("student", "heads", "", 0.0),
+    ("heads", "aim", "F_a", 0.0), ("heads", "ngm", "F_n", 0.3), ("teacher", "ngm", "T(I)", 0.0),
+    ("teacher", "aim", "T(I_aug)", 0.0), ("heads", "seginput", "F_n, F_a", 0.0), ("seginput", "msn", "", 0.0),
+    ("msn", "output", "", 0.0),
+)
+BOX_SIZE = (2.65, 1.1)
+METHOD_MAP_COLOURS = {"data": "#eeeeee", "frozen": "#d9d9d9", "stage 1": "#cfe2f3", "stage 2": "#fce5cd",
+                      "output": "#d9ead3"}
+
+
+def method_map() -> plt.Figure:
+    """The whole pipeline in one figure: which images the teacher and student see, what NGM and AIM compare, what
+    the segmentation network reads and what comes out (METHOD.md sections 1 to 7). Blue: trained in stage 1 (the
+    student); orange: stage 2 (the segmentation network, student frozen); grey: data and the frozen teacher. At
+    test time the path is image -> teacher and student -> segmentation network -> map and score."""
+    from matplotlib.patches import FancyArrowPatch, FancyBboxPatch
+
+    fig, axes = figure(1, 1, size=(17.5, 6.2))
+    ax = axes[0, 0]
+    width, height = BOX_SIZE
+    for x, y, text, kind in METHOD_MAP_BOXES.values():
+        ax.add_patch(FancyBboxPatch((x - width / 2, y - height / 2), width, height, boxstyle="round,pad=0.04",
+                                    facecolor=METHOD_MAP_COLOURS[kind], edgecolor="#555555", linewidth=1))
+        ax.text(x, y, text, ha="center", va="center", fontsize=8)
+
+    def edge(x: float, y: float, dx: float, dy: float) -> tuple[float, float]:
+        """Where the ray from a box's centre along (dx, dy) leaves the box (with a small gap)."""
+        half_w, half_h = width / 2 + 0.1, height / 2 + 0.1
+        t = min(half_w / abs(dx) if dx else np.inf, half_h / abs(dy) if dy else np.inf)
+        return x + t * dx, y + t * dy
+
+    for start, end, label, rad in METHOD_MAP_ARROWS:
+        (x0, y0, *_), (x1, y1, *_) = METHOD_MAP_BOXES[start], METHOD_MAP_BOXES[end]
+        a, b = edge(x0, y0, x1 - x0, y1 - y0), edge(x1, y1, x0 - x1, y0 - y1)
+        if rad:  # a curved arrow leaves and enters on the right side
+            a, b = (x0 + width / 2 + 0.1, y0), (x1 + width / 2 + 0.1, y1)
+        ax.add_patch(FancyArrowPatch(a, b, arrowstyle="-|>", mutation_scale=12, color="#444444", linewidth=1,
+                                     connectionstyle=f"arc3,rad={rad}"))
+        if label:
+            lx, ly = ((a[0] + b[0]) / 2, (a[1] + b[1]) / 2) if not rad else (max(a[0], b[0]) + 0.4, (a[1] + b[1]) / 2)
+            ax.text(lx, ly, label, ha="center", va="center", fontsize=7.5, color="#222222",
+                    bbox={"facecolor": "white", "edgecolor": "none", "pad": 0.6})
+    handles = [plt.Rectangle((0, 0), 1, 1, facecolor=c, edgecolor="#555555") for c in METHOD_MAP_COLOURS.values()]
+    ax.legend(handles, ["data", "frozen teacher", "trained in stage 1: student (NGM + AIM)",
+                        "trained in stage 2: segmentation network (student frozen)", "output"],
+                        loc="upper right", fontsize=8, frameon=False, ncol=1)
+    ax.set_xlim(0.0, 17.1)
+    ax.set_ylim(0.3, 5.45)
+    ax.set_axis_off()
+    ax.set_title("DMDD: teacher, decoupled student, NGM and AIM (stage 1), multi-perception segmentation (stage 2)")
+    return fig

@@ -1,5 +1,6 @@
 """The repository's address in one place, ``[project.urls] Repository`` in pyproject.toml, written from there into
-every notebook's Colab badge and install cell and into the badges of README.md and notebooks/README.md.
+every notebook's Colab badge and install cell and into the badges of README.md and notebooks/README.md; and the
+"you are here" strip at the top of each notebook, made from the notebooks' order.
 
     python tools/links.py            # rewrite whatever differs
     python tools/links.py --check    # change nothing; exit 1 naming what differs (the test suite runs this)
@@ -71,13 +72,37 @@ def _badges(text: str, repo: str) -> str:
     return BADGE.sub(lambda m: colab_base(repo) + m.group(1), text)
 
 
-def expected_notebook(nb: dict, name: str, repo: str) -> dict:
-    """The notebook with its badge and install cell as the address makes them."""
+STRIP_PREFIX = "**The tutorial:** "
+
+
+def you_are_here(name: str, names: list[str]) -> str:
+    """The strip at the top of each notebook: every notebook in order, this one in bold, the others linked."""
+    def title(n: str) -> str:
+        return n.replace("_", " ", 1).replace("_", " ")
+    return STRIP_PREFIX + " → ".join(f"**{title(n)}** (you are here)" if n == name else f"[{title(n)}]({n}.ipynb)"
+                                     for n in names)
+
+
+def _with_strip(text: str, strip: str) -> str:
+    lines = [line for line in text.split("\n") if not line.startswith(STRIP_PREFIX)]
+    at = next((i for i, line in enumerate(lines) if "colab-badge.svg" in line), None)
+    if at is None:
+        return text
+    return "\n".join([*lines[: at + 1], "", strip, *lines[at + 1 :]]).replace("\n\n\n", "\n\n")
+
+
+def expected_notebook(nb: dict, name: str, repo: str, names: list[str] | None = None) -> dict:
+    """The notebook with its badge, its "you are here" strip and its install cell as the address and the
+    notebooks' order make them."""
     out = json.loads(json.dumps(nb))
+    first = True
     for cell in out["cells"]:
         text = "".join(cell["source"])
         if cell["cell_type"] == "markdown":
             text = _badges(text, repo)
+            if first and names:
+                text = _with_strip(text, you_are_here(name, names))
+            first = False
         elif text.startswith((INSTALL_MARK, OLD_INSTALL_MARK)):
             text = install_cell(repo)
         cell["source"] = text.splitlines(keepends=True)
@@ -88,9 +113,10 @@ def sync(check: bool, root: Path = ROOT) -> list[str]:
     """Rewrite (or with ``check``, only list) every file whose badges or install cell differ from the address."""
     repo = repository(root / "pyproject.toml")
     differing = []
-    for path in sorted((root / "notebooks").glob("[0-9][0-9]_*.ipynb")):
+    paths = sorted((root / "notebooks").glob("[0-9][0-9]_*.ipynb"))
+    for path in paths:
         nb = json.loads(path.read_text())
-        want = expected_notebook(nb, path.stem, repo)
+        want = expected_notebook(nb, path.stem, repo, [p.stem for p in paths])
         if not any("".join(c["source"]).startswith(INSTALL_MARK) for c in want["cells"]):
             differing.append(f"{path.relative_to(root)}: no install cell")
             continue

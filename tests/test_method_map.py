@@ -1,0 +1,34 @@
+"""The map of the method: every component and every connection drawn, and the committed picture up to date."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import matplotlib
+import numpy as np
+from PIL import Image
+
+from dmdd_core.plots import METHOD_MAP_ARROWS, METHOD_MAP_BOXES, method_map, save_figure
+
+matplotlib.use("Agg")
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_the_map_draws_every_part_and_connection(tmp_path: Path) -> None:
+    fig = method_map()
+    texts = [t.get_text() for t in fig.axes[0].texts]
+    for part in ("teacher T", "student S", "decouple heads", "NGM:", "AIM:", "segmentation input",
+                 "multi-perception", "anomaly map"):
+        assert sum(part in t for t in texts) == 1, part
+    assert len(fig.axes[0].patches) == len(METHOD_MAP_BOXES) + len(METHOD_MAP_ARROWS)
+    assert {end for _, end, *_ in METHOD_MAP_ARROWS} | {start for start, *_ in METHOD_MAP_ARROWS} == set(METHOD_MAP_BOXES)
+    # NGM compares the anomalous image's normality features with the teacher's features of the *normal* image
+    assert ("teacher", "ngm", "T(I)", 0.0) in METHOD_MAP_ARROWS and ("heads", "ngm", "F_n", 0.3) in METHOD_MAP_ARROWS
+    fresh = np.asarray(Image.open(save_figure(fig, "map", tmp_path)))
+    committed = np.asarray(Image.open(ROOT / "figures" / "method_map.png"))
+    assert fresh.shape == committed.shape, "run python tools/method_map.py"
+
+
+def test_the_readme_and_notebook_00_show_the_map() -> None:
+    assert "figures/method_map.png" in (ROOT / "README.md").read_text()
+    assert "figures/method_map.png" in (ROOT / "notebooks" / "00_quickstart.ipynb").read_text()
