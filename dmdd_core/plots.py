@@ -55,25 +55,37 @@ def anomaly_examples(
     extra: dict[str, Sequence[np.ndarray]] | None = None,
     threshold: float | None = None,
     threshold_label: str = "",
+    extra_scale: tuple[float, float] | None = None,
+    colorbars: bool = False,
+    contours: bool = False,
 ) -> plt.Figure:
     """One column per example; rows: image, ground truth (left out when ``masks`` is None: a dataset with image
-    labels only), anomaly map (fixed 0..1 scale), then any extra maps, and with ``threshold`` the predicted mask
-    ``map >= threshold`` (named by ``threshold_label``, e.g. where the threshold was chosen)."""
+    labels only), anomaly map (fixed 0..1 scale), then any extra maps (each panel on its own scale, or all on
+    ``extra_scale``), and with ``threshold`` the predicted mask ``map >= threshold`` (named by ``threshold_label``,
+    e.g. where the threshold was chosen). ``colorbars``: a colour bar beside each row of maps; ``contours``: the
+    ground truth's outline drawn over every map."""
     extra = extra or {}
     rows: list[tuple[str, Sequence[np.ndarray], dict[str, Any]]] = [("image", images, {})]
     if masks is not None:
         rows.append(("ground truth", masks, {"vmin": 0, "vmax": 1}))
     rows.append(("anomaly map", maps, {"cmap": "jet", "vmin": 0, "vmax": 1}))
-    rows += [(name, values, {"cmap": "jet"}) for name, values in extra.items()]
+    shared = {"vmin": extra_scale[0], "vmax": extra_scale[1]} if extra_scale else {}
+    rows += [(name, values, {"cmap": "jet", **shared}) for name, values in extra.items()]
     if threshold is not None:
         name = f"map >= {threshold:.2f}" + (f"\n{threshold_label}" if threshold_label else "")
         rows.append((name, [np.asarray(m) >= threshold for m in maps], {"vmin": 0, "vmax": 1}))
-    fig, axes = figure(len(rows), len(images), size=(1.9 * len(images), 1.9 * len(rows)))
+    fig, axes = figure(len(rows), len(images), size=(1.9 * len(images) + (0.5 if colorbars else 0), 1.9 * len(rows)))
     for r, (name, values, kwargs) in enumerate(rows):
+        is_map = kwargs.get("cmap") == "jet"
         for c, value in enumerate(values):
             show_image(axes[r, c], value, titles[c] if r == 0 else "", **kwargs)
+            if contours and is_map and masks is not None and np.asarray(masks[c]).max() > 0:
+                axes[r, c].contour(np.asarray(masks[c]) > 0.5, levels=[0.5], colors="white", linewidths=0.8)
         axes[r, 0].set_ylabel(name)
-    fig.tight_layout()
+        if colorbars and is_map and (kwargs.get("vmax") is not None or len(values) == 1):
+            fig.colorbar(axes[r, 0].images[-1], ax=list(axes[r, :]), fraction=0.02, pad=0.01)
+    if not colorbars:
+        fig.tight_layout()
     return fig
 
 

@@ -32,3 +32,20 @@ def test_the_map_draws_every_part_and_connection(tmp_path: Path) -> None:
 def test_the_readme_and_notebook_00_show_the_map() -> None:
     assert "figures/method_map.png" in (ROOT / "README.md").read_text()
     assert "figures/method_map.png" in (ROOT / "notebooks" / "00_quickstart.ipynb").read_text()
+
+
+def test_example_maps_on_one_scale_with_colour_bars_and_ground_truth_outlines() -> None:
+    from dmdd_core.plots import anomaly_examples
+
+    rng = np.random.default_rng(0)
+    masks = [np.pad(np.ones((8, 8)), 12) for _ in range(2)]
+    maps = [rng.random((32, 32)) * 0.3 for _ in range(2)]
+    fig = anomaly_examples([rng.random((32, 32, 3))] * 2, masks, maps, ["a", "b"], extra={"raw": maps},
+                           extra_scale=(0, 1), colorbars=True, contours=True)
+    panels, bars = fig.axes[:8], fig.axes[8:]
+    assert len(bars) == 2  # the anomaly map row and the extra row
+    raw_row = panels[6:8]
+    assert all(ax.images[0].get_clim() == (0, 1) for ax in raw_row)  # not each panel's own 0..0.3
+    assert all(len(ax.collections) == 1 for ax in panels[4:8]) and not panels[2].collections  # outlines on maps only
+    own = anomaly_examples([rng.random((32, 32, 3))] * 2, masks, maps, ["a", "b"], extra={"raw": maps})
+    assert own.axes[6].images[0].get_clim()[1] < 0.31 and len(own.axes) == 8
