@@ -135,9 +135,10 @@ def count(n: int, noun: str) -> str:
 def versions() -> dict[str, str]:
     """Versions of Python and the packages the numbers depend on."""
     found = {"python": platform.python_version()}
+    distributions = {"dmdd": "dmdd-core"}  # the package's distribution name
     for name in ("dmdd", "torch", "torchvision", "timm", "numpy", "scipy", "scikit-learn", "scikit-image"):
         try:
-            found[name] = metadata.version(name)
+            found[name] = metadata.version(distributions.get(name, name))
         except metadata.PackageNotFoundError:
             found[name] = "not installed"
     return found
