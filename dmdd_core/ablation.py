@@ -278,8 +278,13 @@ def merge_ablation(folders: Sequence[str | Path], out: str | Path, show: bool = 
 
     for (name, _), (path, result) in found.items():
         expected = VARIANTS[name].config(base)
-        differences = config_differences(result.get("config", {}), expected, RESUMABLE_DIFFERENCES | {"seed"},
+        saved = result.get("config", {})
+        # texture_dir is a path on the machine that ran the share: compare the folder's name, not where it was
+        differences = config_differences(saved, expected, RESUMABLE_DIFFERENCES | {"seed", "texture_dir"},
                                          (result.get("teacher") or {}).get("name"))
+        textures = [Path(t).name if t else None for t in (saved.get("texture_dir"), expected.texture_dir)]
+        if textures[0] != textures[1]:
+            differences.append(f"texture_dir: saved {saved.get('texture_dir')!r}, now {expected.texture_dir!r}")
         if setting(result) != setting(first):
             differences.append(f"data and resolution {setting(result)}, not {setting(first)}")
         if differences:

@@ -721,7 +721,12 @@ def _fetch(source: DownloadSource, root: str | Path, *, progress: bool | None, t
         record["sha256_unverified"] = file_sha256(archive)
         print(f"{source.title}: no known SHA-256 to check {archive.name} against; its SHA-256 is "
               f"{record['sha256_unverified']} (recorded in {MARKER_NAME})", file=sys.stderr)
-    extract(archive, target, expected_folder=PurePosixPath(source.folder).name, marker=record, progress=progress)
+    try:
+        extract(archive, target, expected_folder=PurePosixPath(source.folder).name, marker=record, progress=progress)
+    except ValueError:
+        if checksum is None:  # nothing vouches for this file (an error page, a truncated copy): fetch it afresh next time
+            archive.unlink(missing_ok=True)
+        raise
     if not keep_archive:
         archive.unlink(missing_ok=True)
     return target

@@ -38,9 +38,10 @@ def count_flops(fn: Callable[[], Any]) -> int:
     return int(counter.get_total_flops())
 
 
-def step_flops(cfg: DMDDConfig, batch: int = 1, device: str | torch.device = "cpu") -> dict[str, float]:
+def step_flops(cfg: DMDDConfig, batch: int = 2, device: str | torch.device = "cpu") -> dict[str, float]:
     """FLOPs of one stage-1 step and one stage-2 step at the preset's batch, and of inference per image, counted
-    at ``batch`` images on ``device`` (a GPU counts in well under a second; a CPU takes seconds at 256²)."""
+    at ``batch`` images on ``device`` (a GPU counts in well under a second; a CPU takes seconds at 256²). The batch
+    is at least 2: the segmentation network's pooled branch normalises over the batch in train mode."""
     from .data import TrainPair
     from .model import DMDD
     from .train import distillation_step, segmentation_step
@@ -97,7 +98,7 @@ def describe_plan(cfg: DMDDConfig, device: str | torch.device | None = None) -> 
     capability = torch.cuda.get_device_capability(dev)
     precision = resolve_precision(cfg.amp, "cuda", capability)
     taken_for, tflops = assumed_tflops(name)
-    minutes = train_minutes(cfg, step_flops(cfg, 1, dev), tflops)
+    minutes = train_minutes(cfg, step_flops(cfg, 2, dev), tflops)
     return (f"device: {name} (compute capability {capability[0]}.{capability[1]}), precision {precision}; {setting}; "
             f"expected training about {minutes:.0f} min (counted operations at {tflops:.0f} TFLOPS, the throughput "
             f"assumed for a {taken_for}; evaluation adds a minute or two)")

@@ -372,3 +372,20 @@ def test_variant_maps_compare_one_test_image_across_variants(small_ablation: dic
     assert len(fig.axes) == 4 and "pixel AUROC" in fig.axes[2].get_title()
     with pytest.raises(FileNotFoundError, match="aim_margin"):
         explorer.model("aim_margin", 0)
+
+
+def test_merge_compares_the_texture_folder_not_where_each_machine_keeps_it(small_ablation: dict[str, Any],
+                                                                           tmp_path: Path) -> None:
+    shares = _split_into_shares(small_ablation, tmp_path, 2)
+    for i, share in enumerate(shares):
+        for path in share.glob("*/results/*.json"):
+            record = json.loads(path.read_text())
+            record["config"]["texture_dir"] = f"/machine{i}/cache/dtd/images"
+            path.write_text(json.dumps(record))
+    merge_ablation(shares, tmp_path / "all", show=False)  # the same folder on two machines: accepted
+    changed = next(shares[1].glob("*/results/*.json"))
+    record = json.loads(changed.read_text())
+    record["config"]["texture_dir"] = "/machine1/my_own_textures"
+    changed.write_text(json.dumps(record))
+    with pytest.raises(ValueError, match="texture_dir"):
+        merge_ablation(shares, tmp_path / "all2", show=False)

@@ -581,3 +581,16 @@ def test_cli_downloads_mvtec_categories_and_refuses_them_elsewhere(monkeypatch: 
     assert main(["download", "mvtec", "--categories", "bottle", "carpet", "--root", str(tmp_path)]) == 0
     assert calls == [(["bottle", "carpet"], tmp_path)]
     assert main(["download", "visa", "--categories", "candle", "--root", str(tmp_path)]) == 2
+
+
+def test_a_category_archive_that_cannot_be_read_is_not_kept(server: FileServer, tmp_path: Path) -> None:
+    from dmdd_core.catalog import MVTEC_CATEGORY_ARCHIVES
+
+    path = f"/{MVTEC_CATEGORY_ARCHIVES['tile']}/tile.tar.xz"
+    server.files[path] = b"<html>an error page, not an archive</html>"
+    mirrors = [server.url("/{archive}/{category}.tar.xz")]
+    with pytest.raises(ValueError, match="not a readable archive"):
+        dl.download_mvtec_categories(["tile"], tmp_path, mirrors=mirrors)
+    assert not (tmp_path / "tile.tar.xz").exists()  # no checksum vouched for it: fetched afresh next time
+    server.files[path] = _category_tar("tile")
+    assert (dl.download_mvtec_categories(["tile"], tmp_path, mirrors=mirrors) / "tile" / "train").is_dir()

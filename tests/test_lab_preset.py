@@ -68,3 +68,11 @@ def test_notebooks_that_train_ask_colab_for_a_gpu_and_print_the_plan(name: str) 
     assert nb["metadata"]["accelerator"] == "GPU" and nb["metadata"]["colab"]["gpuType"] == "T4"
     code = "".join("".join(c["source"]) for c in nb["cells"] if c["cell_type"] == "code")
     assert "describe_plan(" in code
+
+
+def test_operations_are_counted_for_real_at_the_default_batch() -> None:
+    """The count describe_plan makes on a GPU, here on the CPU: train-mode BatchNorm after the segmentation
+    network's pooled branch needs a batch of at least two."""
+    cfg = DMDDConfig.preset("smoke", teacher="tf_efficientnet_lite0", teacher_pretrained=False)
+    counted = estimate.step_flops(cfg)
+    assert counted["stage1"] > 0 and counted["stage2"] > 0 and counted["inference_per_image"] > 0

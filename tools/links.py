@@ -33,6 +33,10 @@ IN_COLAB = "google.colab" in sys.modules
 REPOSITORY = "{repository}"
 if IN_COLAB:
     source = os.environ.get("DMDD_INSTALL", "").strip() or f"git+{{REPOSITORY}}"
+    if os.environ.get("DMDD_DRIVE") or source.startswith("/content/drive"):  # Drive first: the source may be on it
+        from google.colab import drive
+
+        drive.mount("/content/drive")
     installed = subprocess.run([sys.executable, "-m", "pip", "install", "-q", source], capture_output=True, text=True)
     if installed.returncode != 0:
         print(f"Installing dmdd from {{source}} failed:\\n{{installed.stderr.strip()[-1500:]}}\\n\\n"
@@ -44,9 +48,6 @@ if IN_COLAB:
               file=sys.stderr)
         raise SystemExit(1)
     if os.environ.get("DMDD_DRIVE"):
-        from google.colab import drive
-
-        drive.mount("/content/drive")
         os.environ["DMDD_HOME"] = f"/content/drive/MyDrive/{{os.environ['DMDD_DRIVE']}}"
 '''
 
