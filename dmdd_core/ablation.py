@@ -180,6 +180,7 @@ def run_ablation(
     what = f"{count(len(jobs), 'task')} ({count(len(chosen), 'variant')} x {count(len(cats), 'category')} x " \
            f"{count(len(seeds), 'seed')})"
     if shard is not None:
+        write_share_plan(out, jobs, *shard)
         jobs = shard_jobs(jobs, *shard)
         what = f"share {shard[0]}/{shard[1]}: {count(len(jobs), 'task')} of {what}"
     if reference_from is not None:
@@ -234,6 +235,32 @@ def shard_jobs(jobs: Sequence[Job], index: int, total: int) -> list[Job]:
     return share
 
 
+SHARE_PLAN = "share_plan.json"
+"""Written by a share into its folder: the whole ablation's task list and this share's index, so that a merge can
+name the tasks no folder handed back, and the share that holds each."""
+
+
+def write_share_plan(out: Path, jobs: Sequence[Job], index: int, total: int) -> None:
+    """Record in ``out`` the whole task list of a sharded ablation and which share this folder runs."""
+    tasks = [[job.folder.name, job.task.category, job.task.seed] for job in jobs]
+    write_text_files(out, {SHARE_PLAN: json.dumps({"share": [index, total], "tasks": tasks}, indent=1)})
+
+
+def missing_tasks(plans: Sequence[Mapping[str, Any]], found: set[tuple[str, str]]) -> list[str]:
+    """The tasks of the ablation the ``plans`` (share_plan.json contents) describe that are not in ``found``
+    ({(variant, "<category>__seed<k>")}), each with the share that runs it ("share 3/30: seed 1, synth_all,
+    brick"). Plans of different task lists are an error: they are shares of different ablations."""
+    if not plans:
+        return []
+    tasks, total = plans[0]["tasks"], plans[0]["share"][1]
+    for plan in plans[1:]:
+        if plan["tasks"] != tasks or plan["share"][1] != total:
+            raise ValueError("the folders are shares of different ablations (their share_plan.json task lists "
+                             "differ): merge the shares of one `dmdd ablate` command at a time")
+    return [f"share {i % total + 1}/{total}: seed {seed}, {name}, {category}"
+            for i, (name, category, seed) in enumerate(tasks) if (name, Task(category, seed).key) not in found]
+
+
 def merge_ablation(folders: Sequence[str | Path], out: str | Path, show: bool = True) -> Path:
     """Gather the results of several ablation folders (the shares of one ablation, ``dmdd ablate --shard i/n``, run
     by different people or machines) into ``out`` and write its table; return its path. Results already in
@@ -247,9 +274,17 @@ def merge_ablation(folders: Sequence[str | Path], out: str | Path, show: bool = 
 
     out = Path(out)
     found: dict[tuple[str, str], tuple[Path, dict[str, Any]]] = {}
+    plans: list[dict[str, Any]] = []
     for folder in dict.fromkeys(Path(f).resolve() for f in [out, *folders]):
         if folder != out.resolve() and not folder.is_dir():
             raise FileNotFoundError(f"{folder} does not exist: --merge takes the folders of `dmdd ablate --out`")
+        if (folder / SHARE_PLAN).is_file():
+            plans.append(json.loads((folder / SHARE_PLAN).read_text()))
+        unknown = sorted(p.parent.parent.name for p in folder.glob(f"*/{RESULTS_DIR}/*.json")
+                         if p.parent.parent.name not in VARIANTS)
+        for name in dict.fromkeys(unknown):
+            print(f"{folder / name}: left out, not a variant of `dmdd ablate --list` (a variant of your own is "
+                  f"merged by gathering its folders and calling write_ablation with it)", file=sys.stderr)
         paths = sorted(p for name in VARIANTS for p in (folder / name / RESULTS_DIR).glob("*.json"))
         if not paths and folder != out.resolve():
             raise FileNotFoundError(f"{folder} holds no ablation results (<variant>/{RESULTS_DIR}/*.json)")
@@ -290,6 +325,11 @@ def merge_ablation(folders: Sequence[str | Path], out: str | Path, show: bool = 
         if differences:
             raise ValueError(f"{path} is not of the ablation of {first_path} ({'; '.join(differences)}): results "
                              f"of another configuration cannot share one table")
+    missing = missing_tasks(plans, set(found))
+    if missing:
+        print(f"{count(len(missing), 'task')} of the ablation not handed back yet (the table holds the rest; run "
+              f"these shares, or ask for their folders, and merge again):\n  " + "\n  ".join(missing),
+              file=sys.stderr)
     for (name, stem), (path, result) in found.items():
         target = out / name / RESULTS_DIR / f"{stem}.json"
         if path.resolve() != target.resolve():

@@ -389,3 +389,27 @@ def test_merge_compares_the_texture_folder_not_where_each_machine_keeps_it(small
     changed.write_text(json.dumps(record))
     with pytest.raises(ValueError, match="texture_dir"):
         merge_ablation(shares, tmp_path / "all2", show=False)
+
+
+def test_a_merge_names_the_tasks_no_share_handed_back(small_ablation: dict[str, Any], tmp_path: Path,
+                                                      capsys: pytest.CaptureFixture[str]) -> None:
+    jobs = ablation.ablation_jobs(smoke_config(), small_ablation["out"], small_ablation["variants"], ["brick"], [0, 1])
+    shares = _split_into_shares(small_ablation, tmp_path, 4)
+    for i, share in enumerate(shares, start=1):
+        ablation.write_share_plan(share, jobs, i, 4)
+    lost = ablation.shard_jobs(jobs, 3, 4)
+    (shares[0] / "mine" / "results").mkdir(parents=True)  # a variant of someone's own: named, left out
+    shutil.copy(lost[0].result_path, shares[0] / "mine" / "results" / lost[0].result_path.name)
+    capsys.readouterr()
+    merge_ablation([shares[0], shares[1], shares[3]], tmp_path / "all", show=False)
+    err = capsys.readouterr().err
+    assert f"{len(lost)} task" in err and "not handed back" in err
+    for job in lost:
+        assert f"share 3/4: seed {job.task.seed}, {job.folder.name}, brick" in err
+    assert err.count("share 3/4:") == len(lost) and "share 1/4:" not in err
+    assert "mine: left out, not a variant" in err
+    merge_ablation(shares, tmp_path / "every", show=False)
+    assert "not handed back" not in capsys.readouterr().err
+    ablation.write_share_plan(shares[1], jobs[:-1], 2, 4)
+    with pytest.raises(ValueError, match="different ablations"):
+        merge_ablation(shares, tmp_path / "other", show=False)
