@@ -410,7 +410,8 @@ def download(
     If ``dest_file`` already exists and matches ``sha256`` (or no checksum is given) it is returned without any
     network access. Otherwise the bytes are streamed into ``dest_file + ".part"``; an existing ``.part`` is
     continued with a ``Range`` request (a server that ignores it sends the whole file, which then replaces the
-    ``.part``). The SHA-256 is checked after the transfer and only then is ``.part`` renamed to ``dest_file``.
+    ``.part``); without a checksum, only a ``.part`` begun from the same ``url`` is continued (its address is kept
+    in ``.part.from``), as nothing could catch a file joined from two mirrors' differing copies. The SHA-256 is checked after the transfer and only then is ``.part`` renamed to ``dest_file``.
 
     ``progress``: show a progress bar (None: yes, unless DMDD_FAST=1 or CI is set). ``timeout``: seconds to
     wait for the server to connect or send data.
@@ -433,6 +434,15 @@ def download(
     part = _part_path(dest)
     show = progress_enabled(progress)
     _check_host(url, timeout)
+    origin = part.with_name(part.name + ".from")  # the address a .part was begun from
+    if expected is None:
+        # with no checksum nothing would catch the first half of one mirror's file joined to another's second half
+        begun = origin.read_text().strip() if origin.is_file() else None
+        if part.exists() and begun != url:
+            print(f"{part} was begun from {begun or 'an address not recorded'}, and there is no checksum to check a "
+                  f"joined file with: starting afresh from {url}", file=sys.stderr)
+            part.unlink()
+        origin.write_text(url)
     for _ in range(3):
         try:
             digest = _transfer(url, part, expected is not None, show, timeout, chunk_size)
@@ -454,6 +464,7 @@ def download(
                 "new address and checksum (url=/sha256=, or --url/--sha256) or download the file by hand."
             )
     os.replace(part, dest)
+    origin.unlink(missing_ok=True)
     return dest
 
 
@@ -663,16 +674,29 @@ def download_mvtec_categories(
     (:data:`~dmdd_core.catalog.MVTEC_CATEGORY_MIRRORS`, or ``mirrors``: templates with ``{archive}`` and
     ``{category}``). An archive is checked against its SHA-256 where one is known
     (:data:`~dmdd_core.catalog.MVTEC_CATEGORY_SHA256`); otherwise its own SHA-256 is printed and recorded in the
-    marker. When the whole dataset is already there, nothing is downloaded."""
+    marker. When the whole dataset is already there, nothing is downloaded; a category folder extracted by hand
+    (the layout, no marker) is used as it is."""
     from .catalog import MVTEC_CATEGORY_MIRRORS, mvtec_category_source
 
     sources = [mvtec_category_source(c, tuple(mirrors or MVTEC_CATEGORY_MIRRORS)) for c in categories]
     folder = Path(root).expanduser() / get_source("mvtec").folder
     if read_marker(folder) is not None:
         return folder
-    for source in sources:
+    for category, source in zip(categories, sources):
+        own = folder / category
+        if read_marker(own) is None and _looks_like_a_category(own):
+            print(f"{own} is already there, not from a download (no {MARKER_NAME}); it is used as it is: delete it "
+                  f"to download {category} afresh", file=sys.stderr)
+            continue
         _fetch(source, root, progress=progress, timeout=timeout, keep_archive=keep_archive)
     return folder
+
+
+def _looks_like_a_category(folder: Path) -> bool:
+    """Whether ``folder`` has an MVTec category's layout (train/good with files, test and ground_truth), as a
+    hand-extracted copy of the whole dataset has."""
+    good = folder / "train" / "good"
+    return good.is_dir() and any(good.iterdir()) and (folder / "test").is_dir() and (folder / "ground_truth").is_dir()
 
 
 def _fetch(source: DownloadSource, root: str | Path, *, progress: bool | None, timeout: float, keep_archive: bool,

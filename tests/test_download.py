@@ -594,3 +594,41 @@ def test_a_category_archive_that_cannot_be_read_is_not_kept(server: FileServer, 
     assert not (tmp_path / "tile.tar.xz").exists()  # no checksum vouched for it: fetched afresh next time
     server.files[path] = _category_tar("tile")
     assert (dl.download_mvtec_categories(["tile"], tmp_path, mirrors=mirrors) / "tile" / "train").is_dir()
+
+
+def test_without_a_checksum_a_part_continues_only_from_the_address_it_was_begun_from(
+        server: FileServer, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    server.files["/a.bin"] = first = _noise(20_000)
+    server.files["/mirror/a.bin"] = second = bytes(b ^ 0xFF for b in first)  # another copy: same size, other bytes
+    dest = tmp_path / "a.bin"
+    server.cut_after = 5_000
+    with pytest.raises(dl.IncompleteDownload):
+        dl.download(server.url("/a.bin"), dest, progress=False)
+    assert (tmp_path / "a.bin.part.from").read_text() == server.url("/a.bin")
+    assert dl.download(server.url("/mirror/a.bin"), dest, progress=False) == dest
+    assert "starting afresh" in capsys.readouterr().err
+    assert server.ranges == [None, None] and dest.read_bytes() == second  # not first[:5000] + second[5000:]
+    assert not (tmp_path / "a.bin.part.from").exists()
+    dest.unlink()
+    server.cut_after = 5_000
+    with pytest.raises(dl.IncompleteDownload):
+        dl.download(server.url("/a.bin"), dest, progress=False)
+    assert dl.download(server.url("/a.bin"), dest, progress=False) == dest  # the same address: continued
+    assert server.ranges[-2:] == [None, "bytes=5000-"] and dest.read_bytes() == first
+
+
+def test_a_category_extracted_by_hand_is_used_and_a_half_one_is_refused(server: FileServer, tmp_path: Path,
+                                                                        capsys: pytest.CaptureFixture[str]) -> None:
+    from dmdd_core.catalog import MVTEC_CATEGORY_ARCHIVES
+
+    whole = tmp_path / "mvtec_anomaly_detection"  # the whole dataset unpacked by hand: no marker file
+    for part in ("train/good", "test/crack", "ground_truth/crack"):
+        (whole / "bottle" / part).mkdir(parents=True)
+    (whole / "bottle" / "train" / "good" / "000.png").write_bytes(b"\x89PNG")
+    (whole / "carpet" / "train" / "good").mkdir(parents=True)  # half a category: not taken for a complete one
+    server.files[f"/{MVTEC_CATEGORY_ARCHIVES['carpet']}/carpet.tar.xz"] = _category_tar("carpet")
+    mirrors = [server.url("/{archive}/{category}.tar.xz")]
+    assert dl.download_mvtec_categories(["bottle"], tmp_path, mirrors=mirrors) == whole
+    assert not server.requests and "used as it is" in capsys.readouterr().err
+    with pytest.raises(FileExistsError, match="carpet already exists"):
+        dl.download_mvtec_categories(["bottle", "carpet"], tmp_path, mirrors=mirrors)
