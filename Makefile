@@ -10,7 +10,7 @@ else
 TORCH_PINS ?= torch==2.9.1 torchvision==0.24.1
 endif
 
-.PHONY: setup quickstart test lint wheel clean
+.PHONY: setup quickstart test lint wheel figures clean
 
 setup: $(VENV)/.installed
 
@@ -31,9 +31,14 @@ test: setup
 wheel: setup
 	$(VENV)/bin/python -m pip wheel --quiet --no-deps --no-build-isolation -w dist .
 
+# Redraw the figures the README and the notebooks show (tools/figures.py --list says what makes each): the quick
+# ones, drawn from committed results; ALL=1 also retrains what shows a trained model's maps (hours on a CPU).
+figures: setup
+	$(VENV)/bin/python tools/figures.py $(if $(ALL),--all,)
+
 lint: setup
 	$(VENV)/bin/python -m pip install --quiet ruff mypy
-	$(VENV)/bin/ruff check dmdd_core tests benchmarks
+	$(VENV)/bin/ruff check dmdd_core tests benchmarks tools
 	$(VENV)/bin/mypy dmdd_core
 
 clean:

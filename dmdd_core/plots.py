@@ -139,7 +139,8 @@ def example_figure(ev: Any, per_kind: int = 2, pixel_threshold: float | None = N
     """Best and worst examples of one :class:`~dmdd_core.infer.Evaluation`, ``per_kind`` of each, as columns:
     the highest-scored defective images (best found), the lowest-scored defective ones (worst missed) and the
     highest-scored good ones (worst false alarms). With ``pixel_threshold`` (chosen on the validation split) a
-    last row shows the predicted mask. A split with image labels only has no ground-truth row."""
+    last row shows the predicted mask. A split with image labels only has no ground-truth row. The maps share the
+    scale [0, 1], shown by a colour bar."""
     from .data import load_image
 
     preds = ev.predictions
@@ -156,7 +157,8 @@ def example_figure(ev: Any, per_kind: int = 2, pixel_threshold: float | None = N
     titles = [f"{kind}: {preds.defect_types[i]}\nscore {preds.scores[i]:.2f}" for kind, i in picks]
     masks = [preds.masks[i] for _, i in picks] if getattr(ev, "pixel_labels", True) else None
     maps = [preds.maps[i] for _, i in picks]
-    return anomaly_examples(images, masks, maps, titles, threshold=pixel_threshold, threshold_label="(val F1-max)")
+    return anomaly_examples(images, masks, maps, titles, threshold=pixel_threshold, threshold_label="(val F1-max)",
+                            colorbars=True)
 
 
 # --- the map of the method ----------------------------------------------------------------------------------------

@@ -8,11 +8,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import make_mvtec_tree
 from PIL import Image
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
+from conftest import make_mvtec_tree
 from dmdd_core.config import DMDDConfig
 from dmdd_core.data import (
     BUILTIN_CATEGORIES,

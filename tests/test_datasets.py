@@ -10,9 +10,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import make_mvtec_tree, make_visa_tree
 from PIL import Image
 
+from conftest import make_mvtec_tree, make_visa_tree
 from dmdd_core.catalog import DATASETS, MPDD_CATEGORIES, MVTEC_CATEGORIES, VISA_CATEGORIES
 from dmdd_core.cli import main
 from dmdd_core.config import DMDDConfig

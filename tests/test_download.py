@@ -490,7 +490,6 @@ def test_bad_checksum_argument_is_refused(tmp_path: Path) -> None:
 # --- through the command line ------------------------------------------------------------------------------------
 def test_cli_download_gives_a_dataset_the_loaders_read(server: FileServer, tmp_path: Path, capsys) -> None:  # noqa: ANN001
     from conftest import make_mvtec_tree
-
     from dmdd_core.cli import main
     from dmdd_core.data import TestDataset, open_source
 

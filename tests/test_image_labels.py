@@ -11,9 +11,9 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import make_mvtec_tree
 from PIL import Image
 
+from conftest import make_mvtec_tree
 from dmdd_core.cli import main
 from dmdd_core.data import ELPVLayout, TestDataset, elpv_root, open_source
 from dmdd_core.infer import ABSENT_PIXEL_METRICS
@@ -54,7 +54,8 @@ def test_example_figure_has_no_ground_truth_row_without_masks(image_labelled: Pa
     make_mvtec_tree(with_masks, "part", n_train=8, defects={"good": 3, "scratch": 3}, size=(40, 40))
     for root, rows in ((image_labelled, ["image", "anomaly map"]), (with_masks, ["image", "ground truth", "anomaly map"])):
         fig = example_figure(evaluate(model, root, "part", progress=False, padim=False), per_kind=1)
-        assert [ax.get_ylabel() for ax in fig.axes[::3]] == rows
+        assert [ax.get_ylabel() for ax in fig.axes[: 3 * len(rows) : 3]] == rows
+        assert len(fig.axes) == 3 * len(rows) + 1  # and the colour bar of the maps' shared scale
         plt.close(fig)
 
 

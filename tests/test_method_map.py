@@ -26,7 +26,7 @@ def test_the_map_draws_every_part_and_connection(tmp_path: Path) -> None:
     assert ("teacher", "ngm", "T(I)", 0.0) in METHOD_MAP_ARROWS and ("heads", "ngm", "F_n", 0.3) in METHOD_MAP_ARROWS
     fresh = np.asarray(Image.open(save_figure(fig, "map", tmp_path)))
     committed = np.asarray(Image.open(ROOT / "figures" / "method_map.png"))
-    assert fresh.shape == committed.shape, "run python tools/method_map.py"
+    assert fresh.shape == committed.shape, "run python tools/figures.py --only method_map"
 
 
 def test_the_readme_and_notebook_00_show_the_map() -> None:

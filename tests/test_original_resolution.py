@@ -10,10 +10,10 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import make_mvtec_tree
 from PIL import Image
 
 import dmdd_core.infer as infer
+from conftest import make_mvtec_tree
 from dmdd_core.config import DMDDConfig
 from dmdd_core.data import list_test_images
 from dmdd_core.infer import METRIC_KEYS, evaluate, original_size_metrics, upsample_maps

@@ -23,8 +23,10 @@ from dmdd_core.synthesis import (
     synthesize_anomalies,
 )
 
+EVERY_NEW_SOURCE = SourceMix(0, 1, 1, 1)
 
-def _draws(n: int, mix: SourceMix = SourceMix(0, 1, 1, 1), seed: int = 0) -> SourceDraws:
+
+def _draws(n: int, mix: SourceMix = EVERY_NEW_SOURCE, seed: int = 0) -> SourceDraws:
     return SourceDraws.draw(n, mix, torch.Generator().manual_seed(seed))
 
 
@@ -133,7 +135,6 @@ def test_synthesis_draws_the_sources_after_the_paper_recipe() -> None:
 
 def test_config_shares_reach_the_training_batches(tmp_path) -> None:  # noqa: ANN001
     from conftest import make_mvtec_tree
-
     from dmdd_core.data import SyntheticPairs
 
     make_mvtec_tree(tmp_path, "part", n_train=4, defects={"good": 1}, size=(32, 32))
