@@ -294,6 +294,34 @@ def progress_disabled(progress: bool | None) -> bool | None:
     return None
 
 
+def plain_progress(progress: bool | None, stream: Any = None) -> bool:
+    """Whether progress goes out as plain lines instead of a bar: progress is wanted (``progress`` True, or None
+    outside fast mode and CI) and ``stream`` (stderr) is neither a terminal nor a notebook's output, e.g. a log
+    file, ``nohup`` or a cluster job, where a bar would show nothing."""
+    import sys
+
+    stream = sys.stderr if stream is None else stream
+    if progress_disabled(progress) is True:
+        return False
+    if getattr(stream, "isatty", lambda: False)():
+        return False
+    return not type(stream).__module__.startswith("ipykernel")  # Jupyter shows tqdm's widget
+
+
+def progress_line(text: str, stream: Any = None) -> None:
+    """One plain progress line on stderr, flushed, for logs that are not a terminal."""
+    import sys
+
+    print(text, file=sys.stderr if stream is None else stream, flush=True)
+
+
+def log_every(total_steps: int) -> int:
+    """Steps between two plain progress lines of a training: ``$DMDD_LOG_EVERY`` if set, else a twentieth of the
+    run (at least 1)."""
+    every = os.environ.get("DMDD_LOG_EVERY", "").strip()
+    return max(1, int(every) if every else total_steps // 20)
+
+
 PRESETS: dict[str, dict[str, Any]] = {
     # METHOD.md section 6 exactly.
     "paper": {},

@@ -14,6 +14,7 @@ from __future__ import annotations
 import csv
 import os
 import sys
+import time
 import warnings
 from collections import Counter
 from collections.abc import Sequence
@@ -28,7 +29,7 @@ from torch import Tensor
 from torch.utils.data import DataLoader
 
 from .baseline import MeanImageBaseline
-from .config import progress_disabled
+from .config import plain_progress, progress_disabled, progress_line
 from .data import (
     CategoryData,
     DataSource,
@@ -328,6 +329,13 @@ def evaluate(
             f"input size ({size}x{size}) and have no other size; use resolution='input' for the validation split"
         )
     source = as_source(data)
+    started, lines = time.perf_counter(), plain_progress(progress)
+
+    def phase(text: str) -> None:  # one plain line per phase where no bar can show (a log file)
+        if lines:
+            progress_line(f"evaluate {category} ({split}): {text}")
+
+    phase("reading the images")
     category_data = CategoryData.from_config(source, category, cfg, skip_bad=skip_bad, progress=progress)
     report = InputReport().extend(category_data.report)
     dataset: LabelledDataset
@@ -335,15 +343,18 @@ def evaluate(
         dataset = TestDataset(source, category, size, skip_bad=skip_bad, report=report, progress=progress)
     else:
         dataset = ValidationDataset.from_config(category_data, cfg, default_textures(category, cfg))
-    preds = predict_dataset(model, dataset, batch_size, progress)
+    phase(f"predicting {len(dataset)} images")
+    preds = predict_dataset(model, dataset, batch_size, False if lines else progress)
     pixel = split == "val" or source.has_pixel_labels(category)
     train_images = images_to_tensor(category_data.train_images)
     test_images = dataset.image_tensor()
+    phase(f"fitting the baselines on {len(train_images)} training images" + (" (mean image, PaDiM)" if padim else ""))
     baseline = MeanImageBaseline(top_k=cfg.top_k).fit(train_images)
     predictions = {"dmdd": (preds.maps, preds.scores), "mean": baseline.predict(test_images)}
     fitted = PaDiM(model.teacher, seed=cfg.seed).fit(train_images) if padim else None
     if fitted is not None:
         predictions["padim"] = fitted.predict(test_images)
+    phase(f"metrics at {resolution} resolution")
     if resolution == "input" or not pixel:
         results = {who: _metrics(preds.labels, scores, preds.masks, maps, pro_variants, pixel)
                    for who, (maps, scores) in predictions.items()}
@@ -355,6 +366,7 @@ def evaluate(
         results = {who: original_size_metrics(preds.labels, scores, maps, masks, pro_variants=pro_variants)
                    for who, (maps, scores) in predictions.items()}
         sizes = dict(Counter(f"{m.shape[1]}x{m.shape[0]}" for m in masks))
+    phase(f"done in {time.perf_counter() - started:.0f} s: image AUROC {results['dmdd']['image_auroc']:.4f}")
     return Evaluation(
         category=category,
         metrics=results["dmdd"],

@@ -81,3 +81,35 @@ def test_notebooks_readme_gives_each_notebook_its_fast_time_and_full_mode_hardwa
         for when in (cpu, t4, large):  # a time, or "seconds" where nothing trains
             assert re.search(r"\d+ (s|min|h)", when) or "seconds" in when, row
     assert "FAST_TABLE" not in text
+
+
+def _exercises(path: Path) -> list[str]:
+    """The exercises of a tutorial notebook, each as written (numbered items of its last cell)."""
+    section = source(cells(path)[-1]).split("## Exercises", 1)[1]
+    items = re.split(r"^\d+\. ", section, flags=re.M)[1:]
+    return [" ".join(item.split()) for item in items]
+
+
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.stem)
+def test_every_exercise_has_a_hint_a_worked_solution_and_what_to_expect(path: Path) -> None:
+    solved = ROOT / "notebooks" / "solutions" / f"{path.stem}_solutions.ipynb"
+    assert solved.is_file(), f"{solved.relative_to(ROOT)} is missing"
+    assert f"(solutions/{solved.name})" in source(cells(path)[-1]), "run python tools/links.py"
+    book = cells(solved)
+    assert source(book[0]).startswith(f"# {path.name[:2]} ·") and f"(../{path.name})" in source(book[0])
+    assert "if IN_COLAB:" in source(book[1])
+    for i, cell in enumerate(book):
+        if cell["cell_type"] == "code":
+            assert cell["outputs"] == [] and cell["execution_count"] is None, f"{solved.name} cell {i}: clear it"
+    headings = [i for i, c in enumerate(book) if re.match(r"## Exercise \d+\b", source(c))]
+    exercises = _exercises(path)
+    assert [int(source(book[i]).split()[2]) for i in headings] == list(range(1, len(exercises) + 1))
+    for n, (start, end) in enumerate(zip(headings, [*headings[1:], len(book)]), start=1):
+        part = book[start:end]
+        assert exercises[n - 1] in " ".join(source(part[0]).split()), f"{solved.name}: exercise {n} not as set"
+        texts = [source(c) for c in part]
+        assert any(t.startswith("**Hint.**") for t in texts), f"{solved.name}: exercise {n} has no hint"
+        assert any(c["cell_type"] == "code" and "assert " in source(c) for c in part), \
+            f"{solved.name}: exercise {n} has no solution that checks what it claims"
+        assert any("**What to expect.**" in t or "**Solution.**" in t for t in texts), \
+            f"{solved.name}: exercise {n} does not say what to expect"

@@ -17,7 +17,7 @@ import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-BADGE = re.compile(r"https://colab\.research\.google\.com/github/[^)\s]+?/blob/main/(notebooks/\d\d_\w+\.ipynb)")
+BADGE = re.compile(r"https://colab\.research\.google\.com/github/[^)\s]+?/blob/main/(notebooks/(?:solutions/)?\d\d_\w+\.ipynb)")
 INSTALL_MARK = "# Install dmdd on Colab"
 OLD_INSTALL_MARK = "# On Colab: install dmdd"
 INSTALL_CELL = '''# Install dmdd on Colab (Colab's own torch is kept). Anywhere else the package is already installed (`make setup`,
@@ -74,6 +74,24 @@ def _badges(text: str, repo: str) -> str:
 
 
 STRIP_PREFIX = "**The tutorial:** "
+SOLUTIONS_PREFIX = "Hints, worked solutions and what to expect: "
+BADGE_IMAGE = "[![Open In Colab](https://colab.research.google.com/assets/colab-badge.svg)]"
+
+
+def _with_solutions_link(text: str, name: str) -> str:
+    """The Exercises section of a tutorial notebook, with the line that links its solutions notebook."""
+    lines = [line for line in text.split("\n") if not line.startswith(SOLUTIONS_PREFIX)]
+    at = lines.index("## Exercises")
+    link = f"{SOLUTIONS_PREFIX}[solutions/{name}_solutions.ipynb](solutions/{name}_solutions.ipynb)."
+    return "\n".join([*lines[: at + 1], "", link, *lines[at + 1 :]]).replace("\n\n\n", "\n\n")
+
+
+def _with_badge(text: str, path: str, repo: str) -> str:
+    """A solutions notebook's title cell, with its Colab badge after the title."""
+    if "colab-badge.svg" in text:
+        return text
+    title, _, rest = text.partition("\n")
+    return f"{title}\n\n{BADGE_IMAGE}({colab_base(repo)}{path})\n{rest}".replace("\n\n\n", "\n\n")
 
 
 def you_are_here(name: str, names: list[str]) -> str:
@@ -92,17 +110,23 @@ def _with_strip(text: str, strip: str) -> str:
     return "\n".join([*lines[: at + 1], "", strip, *lines[at + 1 :]]).replace("\n\n\n", "\n\n")
 
 
-def expected_notebook(nb: dict, name: str, repo: str, names: list[str] | None = None) -> dict:
-    """The notebook with its badge, its "you are here" strip and its install cell as the address and the
-    notebooks' order make them."""
+def expected_notebook(nb: dict, name: str, repo: str, names: list[str] | None = None,
+                      solutions: bool = False) -> dict:
+    """The notebook with its badge, its "you are here" strip, the link to its solutions (``solutions``: the
+    solutions notebook exists) and its install cell as the address and the notebooks' order make them. A notebook
+    of notebooks/solutions/ (``name`` ending in _solutions) gets its badge and install cell only."""
     out = json.loads(json.dumps(nb))
     first = True
     for cell in out["cells"]:
         text = "".join(cell["source"])
         if cell["cell_type"] == "markdown":
             text = _badges(text, repo)
+            if first and name.endswith("_solutions"):
+                text = _with_badge(text, f"notebooks/solutions/{name}.ipynb", repo)
             if first and names:
                 text = _with_strip(text, you_are_here(name, names))
+            if solutions and "\n## Exercises\n" in f"\n{text}\n":
+                text = _with_solutions_link(text, name)
             first = False
         elif text.startswith((INSTALL_MARK, OLD_INSTALL_MARK)):
             text = install_cell(repo)
@@ -115,9 +139,14 @@ def sync(check: bool, root: Path = ROOT) -> list[str]:
     repo = repository(root / "pyproject.toml")
     differing = []
     paths = sorted((root / "notebooks").glob("[0-9][0-9]_*.ipynb"))
-    for path in paths:
+    solutions = sorted((root / "notebooks" / "solutions").glob("[0-9][0-9]_*_solutions.ipynb"))
+    for path in paths + solutions:
         nb = json.loads(path.read_text())
-        want = expected_notebook(nb, path.stem, repo, [p.stem for p in paths])
+        if path in solutions:
+            want = expected_notebook(nb, path.stem, repo)
+        else:
+            want = expected_notebook(nb, path.stem, repo, [p.stem for p in paths],
+                                     (path.parent / "solutions" / f"{path.stem}_solutions.ipynb").is_file())
         if not any("".join(c["source"]).startswith(INSTALL_MARK) for c in want["cells"]):
             differing.append(f"{path.relative_to(root)}: no install cell")
             continue
