@@ -33,8 +33,10 @@ def test_badges_and_install_cells_agree_with_the_address_in_pyproject(tmp_path: 
     pyproject = tmp_path / "pyproject.toml"
     pyproject.write_text(pyproject.read_text().replace(links.repository(), "https://github.com/someone/else"))
     notebooks = sorted(p.name for p in (tmp_path / "notebooks").glob("[0-9][0-9]_*.ipynb"))
-    assert len(notebooks) == 9
-    assert links.sync(check=True, root=tmp_path) == [*(f"notebooks/{n}" for n in notebooks), "README.md",
+    solutions = sorted(p.name for p in (tmp_path / "notebooks" / "solutions").glob("[0-9][0-9]_*.ipynb"))
+    assert len(notebooks) == 9 and len(solutions) == 9
+    assert links.sync(check=True, root=tmp_path) == [*(f"notebooks/{n}" for n in notebooks),
+                                                       *(f"notebooks/solutions/{n}" for n in solutions), "README.md",
                                                        "notebooks/README.md"]
     links.sync(check=False, root=tmp_path)
     assert links.sync(check=True, root=tmp_path) == []
@@ -43,6 +45,10 @@ def test_badges_and_install_cells_agree_with_the_address_in_pyproject(tmp_path: 
         text = "".join("".join(c["source"]) for c in nb["cells"])
         assert f"colab.research.google.com/github/someone/else/blob/main/notebooks/{name}" in text
         assert 'REPOSITORY = "https://github.com/someone/else"' in text and "dmdd-core" not in text
+    for name in solutions:  # the solutions notebooks: their own badge and the same install cell
+        text = (tmp_path / "notebooks" / "solutions" / name).read_text()
+        assert f"colab.research.google.com/github/someone/else/blob/main/notebooks/solutions/{name}" in text
+        assert 'REPOSITORY = \\"https://github.com/someone/else\\"' in text and "dmdd-core" not in text
 
 
 def _install_cell() -> str:

@@ -158,7 +158,7 @@ def build(force: bool = False, timeout: int = 1800, pattern: str = "[0-9][0-9]_*
     pages = assemble(executed, repo)
     (BUILD / "mkdocs.yml").write_text(mkdocs_config(pages, repo))
     subprocess.run([sys.executable, "-m", "mkdocs", "build", "--quiet", "-f", str(BUILD / "mkdocs.yml")], check=True,
-                   env={**os.environ, "NO_MKDOCS_2_WARNING": "1"})
+                   cwd=BUILD, env={**os.environ, "NO_MKDOCS_2_WARNING": "1"})  # its cache: build/.cache
     size = sum(f.stat().st_size for f in SITE.rglob("*") if f.is_file())
     print(f"site built in {time.perf_counter() - started:.0f} s: {SITE}/index.html ({size / 2**20:.1f} MiB, "
           f"{len(pages)} pages)")
