@@ -82,6 +82,38 @@ def rewrite_links(text: str, page: PurePosixPath, pages: set[PurePosixPath], rep
     return LINK.sub(fix, text)
 
 
+def page_url(path: PurePosixPath) -> str:
+    """Where MkDocs puts a page of the repository path ``path`` (directory URLs): README.md at the root,
+    docs/METHOD.md at docs/METHOD/, a notebook at notebooks/<name>/; any other file stays where it is."""
+    if path == PurePosixPath("README.md"):
+        return ""
+    if path.name == "README.md":
+        return f"{path.parent}/"
+    if path.suffix in (".md", ".ipynb"):
+        return f"{path.with_suffix('')}/"
+    return str(path)
+
+
+def localise(text: str, page: PurePosixPath, pages: set[PurePosixPath]) -> str:
+    """A notebook's markdown links, made relative to its page's URL (notebooks/<name>/, one folder deeper than the
+    file): links to other pages go to their URLs, pictures to their copies. (MkDocs does this for markdown pages,
+    mkdocs-jupyter not for notebooks.)"""
+    here = page_url(page)
+
+    def fix(m: re.Match[str]) -> str:
+        target = m.group(2)
+        if re.match(r"^[a-z]+:|^#|^/", target):
+            return m.group(0)
+        path, _, anchor = target.partition("#")
+        resolved = PurePosixPath(os.path.normpath(str(page.parent / path)))
+        if resolved not in pages and resolved.suffix != ".png":
+            return m.group(0)
+        url = os.path.relpath(page_url(resolved) or ".", here) + ("/" if resolved in pages else "")
+        return f"{m.group(1)}{url.replace('.//', './')}{'#' + anchor if anchor else ''}{m.group(3)}"
+
+    return LINK.sub(fix, text)
+
+
 def assemble(executed: dict[Path, Path], repo: str) -> list[PurePosixPath]:
     """Lay out the site's source: the pages under their repository paths (the README as index.md), the pictures
     they show, the executed notebooks with the fast-mode note. Return the pages in reading order."""
@@ -105,13 +137,14 @@ def assemble(executed: dict[Path, Path], repo: str) -> list[PurePosixPath]:
         (SOURCE / target).write_text(text)
     for source, target in books.items():
         nb = nbformat.read(target, as_version=4)
+        up = "../" if source.parent.name == "solutions" else ""
+        nb.cells.insert(1, nbformat.v4.new_markdown_cell(FAST_NOTE.replace("](README.md)", f"]({up}README.md)")))
         for cell in nb.cells:
             if cell.cell_type == "markdown":
                 cell.source = rewrite_links(cell.source, source, pages, repo)
                 shown |= {PurePosixPath(os.path.normpath(str(source.parent / m.group(2).split("#")[0])))
                           for m in LINK.finditer(cell.source) if m.group(2).endswith(".png")}
-        up = "../" if source.parent.name == "solutions" else ""
-        nb.cells.insert(1, nbformat.v4.new_markdown_cell(FAST_NOTE.replace("](README.md)", f"]({up}README.md)")))
+                cell.source = localise(cell.source, source, pages)
         (SOURCE / source).parent.mkdir(parents=True, exist_ok=True)
         nbformat.write(nb, SOURCE / source)
     for picture in shown:
