@@ -44,7 +44,8 @@ docs: setup
 	NO_MKDOCS_2_WARNING=1 $(VENV)/bin/python tools/site.py
 
 # Builds the site and opens every notebook page in headless Chromium (Debian's, installed here when missing):
-# figures shown, no error output; screenshots in build/screenshots/. Kept out of `make test` for CI time.
+# figures shown, no error output, links load; screenshots in docs/site_screenshots/. Kept out of `make test`
+# for CI time.
 docs-test: docs
 	command -v chromium >/dev/null || (apt-get install -y -q chromium || (apt-get update -q && apt-get install -y -q chromium))
 	DMDD_SITE_TEST=1 NO_MKDOCS_2_WARNING=1 $(VENV)/bin/python -m pytest -q tests/test_site.py

@@ -3,8 +3,8 @@
 The link rules run everywhere. Building the site executes every notebook and its solutions, so the browser test
 runs under ``make docs-test`` (DMDD_SITE_TEST=1), not in the suite's every run: it builds the site, serves it on
 localhost, opens every notebook page in headless Chromium (Debian's ``chromium``) and checks that each page shows
-its figures and no error output, and that every picture a page links loads; it saves screenshots of three pages
-in build/screenshots/."""
+its figures and no error output, and that every picture and link of a page loads; it saves screenshots of three
+pages in docs/site_screenshots/."""
 
 from __future__ import annotations
 
@@ -63,6 +63,11 @@ def test_links_to_pages_and_pictures_stay_and_other_files_point_at_the_repositor
     assert "execute: false" in config and "font: false" in config
 
 
+class QuietHandler(SimpleHTTPRequestHandler):
+    def log_message(self, format: str, *args: object) -> None:  # noqa: A002 - the base class's name
+        pass
+
+
 def _chromium(*args: str, user_data: Path) -> str:
     done = subprocess.run(["chromium", *CHROMIUM_FLAGS, f"--user-data-dir={user_data}", *args],
                           capture_output=True, text=True, timeout=120)
@@ -76,8 +81,7 @@ def test_every_notebook_page_shows_its_figures_and_no_error_in_a_real_browser(tm
         pytest.fail("Chromium is needed: apt-get install chromium (make docs-test installs it)")
     site = _tool()
     index = site.build()
-    server = ThreadingHTTPServer(("127.0.0.1", 0), partial(SimpleHTTPRequestHandler, directory=str(index.parent)))
-    server.RequestHandlerClass.log_message = lambda *a: None
+    server = ThreadingHTTPServer(("127.0.0.1", 0), partial(QuietHandler, directory=str(index.parent)))
     threading.Thread(target=server.serve_forever, daemon=True).start()
     base = f"http://127.0.0.1:{server.server_address[1]}"
     try:
@@ -97,10 +101,11 @@ def test_every_notebook_page_shows_its_figures_and_no_error_in_a_real_browser(tm
             for target in linked - {""}:
                 url = urllib.parse.urljoin(f"{base}/notebooks/{page}/", target)
                 try:
-                    urllib.request.urlopen(url)
+                    with urllib.request.urlopen(url):
+                        pass
                 except urllib.error.HTTPError as err:
                     pytest.fail(f"{page}: {target} -> {err.code}")
-        shots = ROOT / "build" / "screenshots"
+        shots = ROOT / "docs" / "site_screenshots"  # committed: what the site looks like
         shots.mkdir(parents=True, exist_ok=True)
         for name, path in (("index", ""), ("00_quickstart", "notebooks/00_quickstart/"),
                            ("04_dual_modeling_distillation", "notebooks/04_dual_modeling_distillation/")):

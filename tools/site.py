@@ -2,7 +2,7 @@
 rendered by MkDocs with mkdocs-jupyter (Material theme) into build/site/ (``make docs``).
 
     python tools/site.py              # execute what changed, render; open build/site/index.html
-    python tools/site.py --force      # execute every notebook again
+    python tools/site.py --force      # execute every notebook again (after a change to dmdd_core)
     python tools/site.py --serve      # and serve it on http://127.0.0.1:8000
 
 The notebooks run in fast mode (DMDD_FAST=1, the test suite's mode: shortened trainings on the built-in dataset),
@@ -119,7 +119,7 @@ def assemble(executed: dict[Path, Path], repo: str) -> list[PurePosixPath]:
     they show, the executed notebooks with the fast-mode note. Return the pages in reading order."""
     import nbformat
 
-    for folder in ("docs", "figures", "results"):
+    for folder in ("docs", "figures", "results", "notebooks"):  # no page of an earlier, narrower build stays
         shutil.rmtree(SOURCE / folder, ignore_errors=True)
     markdown = {PurePosixPath("README.md"): PurePosixPath("index.md"),
                 PurePosixPath("docs/METHOD.md"): PurePosixPath("docs/METHOD.md"),
