@@ -12,11 +12,16 @@ warm-up steps, then timed steps (synchronised on CUDA). Then one more pass per s
 batch's synthesis included) into synthesis, teacher, student, segmentation network, optimiser, and backward
 with the losses (the rest), by forward hooks on the three networks and optimiser hooks, synchronised on CUDA.
 
+With ``--deploy`` (or ``--deploy-only``) it also times deployment on CPU: the inference graph (map and score,
+:class:`dmdd_core.export.InferenceGraph`) in torch against its ONNX export in onnxruntime, at batch 1 and 16 on
+the same threads, for each preset's input size.
+
 Run::
 
     python benchmarks/speed.py                                   # fast and paper presets, auto device
     python benchmarks/speed.py --presets paper --device cuda --amp fp16 --channels-last --json speed.json
     python benchmarks/speed.py --presets smoke --steps 1         # a few seconds
+    python benchmarks/speed.py --deploy-only --threads 2         # inference: torch against onnxruntime, batch 1 and 16
 
 On CPU the paper preset runs at batch 8 instead of 32 unless ``--batch-size`` is given.
 """
@@ -84,7 +89,16 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--category", default="brick")
     parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's choice)")
     parser.add_argument("--json", default=None, metavar="PATH", help="also write the results as JSON")
+    parser.add_argument("--deploy", action="store_true",
+                        help="also time deployment on CPU: the inference graph in torch and exported to ONNX for "
+                             "onnxruntime, at --deploy-batches (needs the deploy extra)")
+    parser.add_argument("--deploy-only", dest="deploy_only", action="store_true",
+                        help="time deployment only, no training phases (implies --deploy)")
+    parser.add_argument("--deploy-batches", dest="deploy_batches", type=int, nargs="+", default=[1, 16])
+    parser.add_argument("--deploy-seconds", dest="deploy_seconds", type=float, default=3.0,
+                        help="time each deployment rate for at least this long (after one warm-up call)")
     args = parser.parse_args(argv)
+    args.deploy = args.deploy or args.deploy_only
     for name in ("steps", "warmup", "batch_size", "infer_batch", "prebuilt", "threads"):
         value = getattr(args, name)
         if value is not None and value < (0 if name == "warmup" else 1):
@@ -398,6 +412,61 @@ def format_breakdown(results: list[dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
+# --- deployment: torch against onnxruntime ----------------------------------------------------------------------
+def _rate(call: Callable[[], object], images: int, min_seconds: float, min_calls: int = 3) -> float:
+    """Images per second of ``call`` (``images`` per call): one warm-up call, then calls until both
+    ``min_calls`` and ``min_seconds`` are reached."""
+    call()
+    calls, start = 0, time.perf_counter()
+    while calls < min_calls or time.perf_counter() - start < min_seconds:
+        call()
+        calls += 1
+    return calls * images / (time.perf_counter() - start)
+
+
+def deploy_rates(cfg: DMDDConfig, teacher: Teacher, folder: Path, batches: Sequence[int], threads: int,
+                 min_seconds: float) -> list[dict[str, Any]]:
+    """Inference rates on CPU of one preset's model at each batch: the inference graph in torch (fp32, no_grad)
+    and its ONNX export in onnxruntime, both on ``threads`` threads. The student is randomly initialised: the
+    rates do not depend on the weights' values."""
+    from dmdd_core.export import InferenceGraph, OnnxModel, export_onnx
+
+    model = DMDD(cfg.replace(device="cpu", student_pretrained=False), teacher=teacher).float().cpu().eval()
+    path = folder / f"{cfg.preset_name}.onnx"
+    started = time.perf_counter()
+    export_onnx(model, {}, path)
+    export_seconds = time.perf_counter() - started
+    graph, runtime = InferenceGraph(model).eval(), OnnxModel(path, threads=threads)
+    rows = []
+    for batch in batches:
+        images = torch.rand(batch, 3, cfg.image_size, cfg.image_size, generator=torch.Generator().manual_seed(0))
+        array = images.numpy()
+
+        def torch_call(images: torch.Tensor = images) -> object:
+            with torch.no_grad():
+                return graph(images)
+
+        torch_rate = _rate(torch_call, batch, min_seconds)
+        onnx_rate = _rate(lambda array=array: runtime(array), batch, min_seconds)
+        rows.append({"preset": cfg.preset_name, "input": cfg.image_size, "batch": batch, "threads": threads,
+                     "torch_img_s": torch_rate, "onnxruntime_img_s": onnx_rate, "onnx_mb": path.stat().st_size / 1e6,
+                     "export_seconds": round(export_seconds, 1)})
+        print(f"  {cfg.preset_name} batch {batch}: torch {torch_rate:.2f} img/s, onnxruntime {onnx_rate:.2f} img/s",
+              flush=True)
+    return rows
+
+
+def format_deploy(rows: Sequence[dict[str, Any]]) -> str:
+    """The deployment table: images/s of torch and onnxruntime per preset and batch, and their ratio."""
+    lines = ["| preset | input | batch | threads | torch img/s | onnxruntime img/s | onnxruntime / torch | ONNX file |",
+             "|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        lines.append(f"| {r['preset']} | {r['input']}² | {r['batch']} | {r['threads']} | {r['torch_img_s']:.2f} | "
+                     f"{r['onnxruntime_img_s']:.2f} | {r['onnxruntime_img_s'] / r['torch_img_s']:.2f}x | "
+                     f"{r['onnx_mb']:.0f} MB |")
+    return "\n".join(lines)
+
+
 # --- main --------------------------------------------------------------------------------------------------------
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     """Run the benchmark with command line ``argv``; print the table and return the report (as in the JSON)."""
@@ -447,7 +516,7 @@ def _run(args: argparse.Namespace) -> dict[str, Any]:
     print(f"data: {data_name}, category {args.category}; {warmup} warm-up + {steps} timed steps per phase")
 
     results = []
-    for name in args.presets:
+    for name in [] if args.deploy_only else args.presets:
         overrides: dict[str, Any] = {
             "device": str(device),
             "amp": args.amp,
@@ -496,16 +565,33 @@ def _run(args: argparse.Namespace) -> dict[str, Any]:
             f"other processes kept {busy:.1f} CPU(s) busy on average during the run, so the numbers are "
             f"low{'' if env['torch_threads'] < (env['cpu_count'] or 1) else ' (with every CPU used by torch, far too low: try --threads 1)'}"
         )
+    deploy: list[dict[str, Any]] = []
+    if args.deploy:
+        import tempfile
+
+        threads = torch.get_num_threads()
+        print(f"deployment on CPU, {threads} threads: torch against onnxruntime", flush=True)
+        with tempfile.TemporaryDirectory() as folder:
+            for name in args.presets:
+                cfg = DMDDConfig.preset(name, teacher=teacher.name)
+                deploy += deploy_rates(cfg, teacher, Path(folder), args.deploy_batches, threads, args.deploy_seconds)
+        notes.append("deployment: the inference graph (map and score) in fp32, random student weights; the ONNX "
+                     "export has the normalisation inside; onnxruntime's CPU provider with the same thread count")
     total = time.perf_counter() - started
-    print()
-    print(format_table(results))
-    print()
-    print(format_breakdown(results))
+    if results:
+        print()
+        print(format_table(results))
+        print()
+        print(format_breakdown(results))
+    if deploy:
+        print()
+        print(format_deploy(deploy))
     for note in notes:
         print(f"note: {note}")
     print(f"total time: {total:.1f} s")
 
-    report = {"environment": env, "results": results, "notes": notes, "total_seconds": round(total, 2)}
+    report = {"environment": env, "results": results, "deploy": deploy, "notes": notes,
+              "total_seconds": round(total, 2)}
     if args.json:
         path = Path(args.json)
         path.parent.mkdir(parents=True, exist_ok=True)

@@ -31,6 +31,8 @@ Start here:
                                        preset cpu without a GPU (256x256, at most 15 min on 2 cores), paper with one
   dmdd evaluate --checkpoint runs/C    image and pixel AUROC on DIR/C/test
   dmdd predict --checkpoint runs/C --input FOLDER --out preds   anomaly maps of any images
+  dmdd export --checkpoint runs/C --format onnx --out model.onnx  a model for onnxruntime (or --format torch:
+                                       weights only); dmdd predict --model model.onnx runs it
   dmdd benchmark --data DIR --preset paper --seeds 0 1 2    every category, resumable; tables beside the paper
   dmdd ablate --categories brick --seeds 0 1 2                the ablation table (dmdd ablate --list: variants)
   dmdd download mvtec                  fetch MVTec AD (also visa, dtd), then --data ~/.cache/dmdd/mvtec_anomaly_detection
@@ -148,11 +150,24 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", help="also write the metrics to this JSON file")
 
     p = sub.add_parser("predict", help="anomaly maps, overlays and scores for every image in a folder")
-    p.add_argument("--checkpoint", required=True, help="checkpoint.pt, or the run folder holding it")
+    which = p.add_mutually_exclusive_group(required=True)
+    which.add_argument("--checkpoint", help="checkpoint.pt or a model file of dmdd export --format torch, or the run folder holding checkpoint.pt")
+    which.add_argument("--model", help="an ONNX model of dmdd export --format onnx, run by onnxruntime on CPU (no torch model code)")
+    p.add_argument("--threads", type=int, help="with --model: onnxruntime's threads (default: its own choice)")
     p.add_argument("--input", required=True, help="folder of images (searched recursively)")
     p.add_argument("--out", required=True, help="output folder: maps/*.npy, overlays/*.png, masks/*.png, scores.csv")
     p.add_argument("--device", default="auto")
     p.add_argument("--skip-bad", dest="skip_bad", action="store_true", help="leave unreadable images out (listed in skipped.csv) instead of stopping")
+
+    p = sub.add_parser("export", help="write a trained model for deployment: the inference graph as ONNX (normalisation inside, the input contract and thresholds in its metadata) or a weights-only torch file")
+    p.add_argument("--checkpoint", required=True, help="checkpoint.pt, or the run folder holding it")
+    p.add_argument("--format", default="onnx", choices=("onnx", "torch"), help="onnx (default): for onnxruntime; torch: weights, configuration and thresholds without the optimiser state (loads with weights_only=True)")
+    p.add_argument("--out", required=True, help="the file to write (model.onnx, model.pt)")
+    p.add_argument("--opset", type=int, default=None, help="ONNX opset (default 18)")
+    p.add_argument("--verify", action="store_true", help="with --format onnx: run the torch model and the ONNX model over the test split of the data the model was trained on (or --data) and print their largest differences and image AUROCs")
+    p.add_argument("--data", help="with --verify: dataset root (default: the one the model was trained on)")
+    _add_data_options(p)
+    p.add_argument("--category", help="with --verify: category (default: the one the model was trained on)")
 
     p = sub.add_parser("quickstart", help="train and evaluate every category of a dataset, print metrics beside PaDiM and the naive baseline, write figures")
     _add_common(p, preset="fast")
@@ -244,17 +259,19 @@ def cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
+def _trained_on(state: dict[str, Any]) -> DataSource:
+    """The data source a checkpoint was trained on, from its description."""
+    from .data import source_from_description
+
+    return source_from_description(state.get("data") or {"root": state["data_root"]})
+
+
 def cmd_evaluate(args: argparse.Namespace) -> int:
     from .infer import evaluate
     from .train import load_checkpoint
 
     model, state = load_checkpoint(args.checkpoint, args.device)
-    if args.data:
-        source = _source(args)
-    else:
-        from .data import source_from_description
-
-        source = source_from_description(state.get("data") or {"root": state["data_root"]})
+    source = _source(args) if args.data else _trained_on(state)
     category = args.category or state["category"]
     result = evaluate(model, source, category, split=args.split, skip_bad=args.skip_bad, resolution=args.resolution)
     print(result.summary())
@@ -265,14 +282,60 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 
 def cmd_predict(args: argparse.Namespace) -> int:
     from .infer import predict_folder
-    from .train import load_checkpoint
 
-    model, state = load_checkpoint(args.checkpoint, args.device)
-    thresholds = (state.get("validation") or {}).get("thresholds")
+    if args.model:
+        from .export import OnnxModel
+
+        model: Any = OnnxModel(args.model, threads=args.threads)
+        thresholds = model.thresholds
+    else:
+        from .train import load_checkpoint
+
+        model, state = load_checkpoint(args.checkpoint, args.device)
+        thresholds = (state.get("validation") or {}).get("thresholds")
     csv_path = predict_folder(model, args.input, args.out, thresholds=thresholds, skip_bad=args.skip_bad)
     if thresholds is None:
-        print("no validation thresholds in this checkpoint (trained with --val-fraction 0?): no anomalous column, no masks")
+        print("no validation thresholds in this model (trained with --val-fraction 0?): no anomalous column, no masks")
     print(f"wrote maps, overlays and {csv_path}")
+    return 0
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    from .export import ONNX_OPSET, contract, contract_text, export_onnx, export_torch, file_size_text
+    from .train import CHECKPOINT_NAME, load_checkpoint
+
+    source = Path(args.checkpoint)
+    source = source / CHECKPOINT_NAME if source.is_dir() else source
+    model, state = load_checkpoint(source, "cpu")
+    if args.format == "torch":
+        if args.opset is not None:
+            raise ValueError("--opset is for --format onnx")
+        out = export_torch(state, args.out)
+        info = contract(model, state)
+    elif args.verify and not (args.data or state.get("data") or state.get("data_root")):
+        raise ValueError(f"{source} does not say which data it was trained on: pass --data with --verify")
+    else:
+        out = Path(args.out)
+        info = export_onnx(model, state, out, opset=args.opset or ONNX_OPSET)
+    print(contract_text(info))
+    print(f"wrote {out} ({file_size_text(out)}; the checkpoint {source} is {file_size_text(source)})")
+    if "check" in info:
+        check = info["check"]
+        print(f"onnxruntime against torch on {check['images']} random images: max |map difference| "
+              f"{check['max_map_difference']:.1e}, max |score difference| {check['max_score_difference']:.1e}")
+        if args.verify:
+            from .data import TestDataset
+            from .export import OnnxModel, compare
+
+            data = _source(args) if args.data else _trained_on(state)
+            category = args.category or state["category"]
+            agreement = compare(model, OnnxModel(out), TestDataset(data, category, model.cfg.image_size))
+            print(f"onnxruntime against torch on the test split of {category}: {agreement.summary()}")
+        print(f"run it: dmdd predict --model {out} --input FOLDER --out preds")
+    else:
+        if args.verify:
+            raise ValueError("--verify is for --format onnx (a torch model file holds the same weights)")
+        print(f"run it: dmdd predict --checkpoint {out} --input FOLDER --out preds")
     return 0
 
 
@@ -335,6 +398,7 @@ COMMANDS = {
     "train": cmd_train,
     "evaluate": cmd_evaluate,
     "predict": cmd_predict,
+    "export": cmd_export,
     "quickstart": cmd_quickstart,
     "download": cmd_download,
 }
@@ -350,7 +414,7 @@ def main(argv: list[str] | None = None) -> int:
     started = time.perf_counter()
     try:
         code = COMMANDS[args.command](args)
-    except (FileNotFoundError, ValueError, RuntimeError) as err:
+    except (FileNotFoundError, ValueError, RuntimeError, ImportError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

@@ -20,7 +20,7 @@ from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -65,6 +65,9 @@ from .protocol import (
     resolution_text,
 )
 
+if TYPE_CHECKING:
+    from .export import OnnxModel
+
 METRIC_KEYS: dict[str, str] = {m.key: f"{m.label}: {m.definition}" for m in METRICS}
 """What each key of :attr:`Evaluation.metrics` (and ``baseline``) means (:mod:`dmdd_core.protocol`); the two PRO
 variants are absent when :func:`evaluate` is called with ``pro_variants=False``, every pixel metric on a split with
@@ -101,8 +104,12 @@ BRANCHES: dict[str, str] = {
 
 
 @torch.no_grad()
-def predict_batch(model: DMDD, images: Tensor) -> tuple[Tensor, Tensor]:
-    """(B,3,S,S) in [0,1] -> anomaly maps (B,S,S) and scores (B,), on the model's device."""
+def predict_batch(model: DMDD | OnnxModel, images: Tensor) -> tuple[Tensor, Tensor]:
+    """(B,3,S,S) in [0,1] -> anomaly maps (B,S,S) and scores (B,), on the model's device; an exported ONNX model
+    (:class:`~dmdd_core.export.OnnxModel`) runs on onnxruntime's CPU and gives CPU tensors."""
+    if not isinstance(model, DMDD):
+        maps, scores = model(images)
+        return torch.from_numpy(maps), torch.from_numpy(scores)
     device = next(model.parameters()).device
     model.eval()
     out = model(images.to(device))
@@ -409,7 +416,7 @@ def overlay(image: np.ndarray, anomaly_map: np.ndarray, alpha: float = 0.5) -> n
 
 
 def predict_folder(
-    model: DMDD,
+    model: DMDD | OnnxModel,
     folder: str | Path,
     out_dir: str | Path,
     *,
@@ -424,7 +431,8 @@ def predict_folder(
     ``scores.csv`` (path, score, width, height). With ``thresholds`` (the ``{"image": t, "pixel": t}`` chosen on
     the validation split at training, saved in the checkpoint) the CSV also says whether each image is
     anomalous, and ``masks/<name>.png`` holds the binary map. Unreadable images raise, or with ``skip_bad`` are
-    left out, warned about and listed in ``skipped.csv``. Returns the CSV's path.
+    left out, warned about and listed in ``skipped.csv``. Returns the CSV's path. ``model``: the torch model, or
+    an exported ONNX model (:class:`~dmdd_core.export.OnnxModel`) run by the same code path.
     """
     from PIL import Image
     from tqdm.auto import tqdm
@@ -441,7 +449,7 @@ def predict_folder(
             )
         seen[key] = path
     root, out = Path(folder), Path(out_dir)
-    size = model.cfg.image_size
+    size = model.cfg.image_size if isinstance(model, DMDD) else model.image_size
     rows, problems = [], []
     fields = ["path", "score", "width", "height"] + (["anomalous"] if thresholds else [])
     for start in tqdm(range(0, len(files), batch_size), desc="predict", disable=progress_disabled(progress), file=sys.stderr):

@@ -326,6 +326,11 @@ def discrepancy_map(teacher: list[Tensor], features: list[Tensor], size: tuple[i
     return torch.stack(maps).mean(0)
 
 
+def anomaly_map_from_logits(logits: Tensor, size: tuple[int, int]) -> Tensor:
+    """Segmentation logits (B,1,h,w) -> anomaly map (B,1,*size) in [0,1]: sigmoid, then bilinear upsampling."""
+    return F.interpolate(torch.sigmoid(logits.float()), size=size, mode="bilinear", align_corners=False)
+
+
 def top_k_score(anomaly_map: Tensor, k: int) -> Tensor:
     """(B,1,H,W) -> (B,) mean of the k largest pixels of each map. [DeSTSeg: k=100 at 256^2]"""
     flat = anomaly_map.flatten(1)
@@ -373,7 +378,7 @@ class DMDD(nn.Module):
         teacher = self.teacher_features(x)
         normality, abnormality = self.student_features(x)
         logits = self.segment(teacher, normality, abnormality)
-        anomaly_map = F.interpolate(torch.sigmoid(logits.float()), size=size, mode="bilinear", align_corners=False)
+        anomaly_map = anomaly_map_from_logits(logits, size)
         return DMDDOutput(
             anomaly_map=anomaly_map,
             score=top_k_score(anomaly_map, self.top_k(size)),

@@ -228,10 +228,12 @@ def check_resumable(saved: dict[str, Any], cfg: DMDDConfig, path: Path, saved_te
 
 
 def load_checkpoint(path: str | Path, device: str | torch.device = "cpu") -> tuple[DMDD, dict[str, Any]]:
-    """Rebuild the model from a checkpoint (teacher weights included, so it works offline).
+    """Rebuild the model from a checkpoint (teacher weights included, so it works offline), or from a weights-only
+    model file (``dmdd export --format torch``).
 
-    Returns the model in eval mode and the checkpoint dict (config, step, log, optimiser states...).
-    Loaded with ``weights_only=True``: a checkpoint can hold tensors and plain data only.
+    Returns the model in eval mode and the checkpoint dict (config, step, log, optimiser states...; a model file
+    has the weights, configuration, teacher and thresholds only). Loaded with ``weights_only=True``: a checkpoint
+    can hold tensors and plain data only.
     """
     path = Path(path)
     if path.is_dir():
@@ -306,6 +308,10 @@ class RunState:
         """The state saved at ``path``, checked to have ``cfg``'s configuration, with its random state set."""
         seed_everything(cfg.seed)
         saved = read_checkpoint(path)
+        if saved.get("kind") == "model":
+            raise ValueError(f"{path} is a weights-only model file (dmdd export --format torch): it has no optimiser "
+                             "state to resume from. Point --out at the run's own folder, or pass resume=False "
+                             "(--no-resume) to start over.")
         check_resumable(saved["config"], cfg, path, (saved.get("teacher") or {}).get("name"))
         if saved.get("synthesis_version", 1) != SYNTHESIS_VERSION:
             warnings.warn(
