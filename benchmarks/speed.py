@@ -95,11 +95,15 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--deploy-only", dest="deploy_only", action="store_true",
                         help="time deployment only, no training phases (implies --deploy)")
     parser.add_argument("--deploy-batches", dest="deploy_batches", type=int, nargs="+", default=[1, 16])
+    parser.add_argument("--deploy-threads", dest="deploy_threads", type=int, default=2,
+                        help="threads of torch and of onnxruntime in the deployment timing")
     parser.add_argument("--deploy-seconds", dest="deploy_seconds", type=float, default=3.0,
                         help="time each deployment rate for at least this long (after one warm-up call)")
     args = parser.parse_args(argv)
     args.deploy = args.deploy or args.deploy_only
-    for name in ("steps", "warmup", "batch_size", "infer_batch", "prebuilt", "threads"):
+    if min(args.deploy_batches) < 1:
+        parser.error("--deploy-batches must be >= 1")
+    for name in ("steps", "warmup", "batch_size", "infer_batch", "prebuilt", "threads", "deploy_threads"):
         value = getattr(args, name)
         if value is not None and value < (0 if name == "warmup" else 1):
             parser.error(f"--{name.replace('_', '-')} must be {'>= 0' if name == 'warmup' else '>= 1'}")
@@ -427,8 +431,9 @@ def _rate(call: Callable[[], object], images: int, min_seconds: float, min_calls
 def deploy_rates(cfg: DMDDConfig, teacher: Teacher, folder: Path, batches: Sequence[int], threads: int,
                  min_seconds: float) -> list[dict[str, Any]]:
     """Inference rates on CPU of one preset's model at each batch: the inference graph in torch (fp32, no_grad)
-    and its ONNX export in onnxruntime, both on ``threads`` threads. The student is randomly initialised: the
-    rates do not depend on the weights' values."""
+    and its ONNX export in onnxruntime (the session's own run, without the input checks of ``OnnxModel``), both
+    on ``threads`` threads (torch's are set by the caller). The student is randomly initialised: the rates do not
+    depend on the weights' values."""
     from dmdd_core.export import InferenceGraph, OnnxModel, export_onnx
 
     model = DMDD(cfg.replace(device="cpu", student_pretrained=False), teacher=teacher).float().cpu().eval()
@@ -447,7 +452,7 @@ def deploy_rates(cfg: DMDDConfig, teacher: Teacher, folder: Path, batches: Seque
                 return graph(images)
 
         torch_rate = _rate(torch_call, batch, min_seconds)
-        onnx_rate = _rate(lambda array=array: runtime(array), batch, min_seconds)
+        onnx_rate = _rate(lambda array=array: runtime.session.run(None, {"image": array}), batch, min_seconds)
         rows.append({"preset": cfg.preset_name, "input": cfg.image_size, "batch": batch, "threads": threads,
                      "torch_img_s": torch_rate, "onnxruntime_img_s": onnx_rate, "onnx_mb": path.stat().st_size / 1e6,
                      "export_seconds": round(export_seconds, 1)})
@@ -569,12 +574,17 @@ def _run(args: argparse.Namespace) -> dict[str, Any]:
     if args.deploy:
         import tempfile
 
-        threads = torch.get_num_threads()
+        threads, before = args.deploy_threads, torch.get_num_threads()
         print(f"deployment on CPU, {threads} threads: torch against onnxruntime", flush=True)
-        with tempfile.TemporaryDirectory() as folder:
-            for name in args.presets:
-                cfg = DMDDConfig.preset(name, teacher=teacher.name)
-                deploy += deploy_rates(cfg, teacher, Path(folder), args.deploy_batches, threads, args.deploy_seconds)
+        torch.set_num_threads(threads)
+        try:
+            with tempfile.TemporaryDirectory() as folder:
+                for name in args.presets:
+                    cfg = DMDDConfig.preset(name, teacher=teacher.name)
+                    deploy += deploy_rates(cfg, teacher, Path(folder), args.deploy_batches, threads,
+                                           args.deploy_seconds)
+        finally:
+            torch.set_num_threads(before)
         notes.append("deployment: the inference graph (map and score) in fp32, random student weights; the ONNX "
                      "export has the normalisation inside; onnxruntime's CPU provider with the same thread count")
     total = time.perf_counter() - started

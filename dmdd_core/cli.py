@@ -152,7 +152,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("predict", help="anomaly maps, overlays and scores for every image in a folder")
     which = p.add_mutually_exclusive_group(required=True)
     which.add_argument("--checkpoint", help="checkpoint.pt or a model file of dmdd export --format torch, or the run folder holding checkpoint.pt")
-    which.add_argument("--model", help="an ONNX model of dmdd export --format onnx, run by onnxruntime on CPU (no torch model code)")
+    which.add_argument("--model", help="an ONNX model of dmdd export --format onnx, run by onnxruntime on CPU (--device does not apply)")
     p.add_argument("--threads", type=int, help="with --model: onnxruntime's threads (default: its own choice)")
     p.add_argument("--input", required=True, help="folder of images (searched recursively)")
     p.add_argument("--out", required=True, help="output folder: maps/*.npy, overlays/*.png, masks/*.png, scores.csv")
@@ -283,6 +283,8 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 def cmd_predict(args: argparse.Namespace) -> int:
     from .infer import predict_folder
 
+    if args.checkpoint and Path(args.checkpoint).suffix == ".onnx":
+        raise ValueError(f"{args.checkpoint} is an ONNX model: pass it as --model")
     if args.model:
         from .export import OnnxModel
 
@@ -308,16 +310,21 @@ def cmd_export(args: argparse.Namespace) -> int:
     source = source / CHECKPOINT_NAME if source.is_dir() else source
     model, state = load_checkpoint(source, "cpu")
     if args.format == "torch":
-        if args.opset is not None:
-            raise ValueError("--opset is for --format onnx")
+        if args.opset is not None or args.verify:
+            raise ValueError("--opset and --verify are for --format onnx (a torch model file holds the checkpoint's "
+                             "own weights)")
         out = export_torch(state, args.out)
         info = contract(model, state)
-    elif args.verify and not (args.data or state.get("data") or state.get("data_root")):
-        raise ValueError(f"{source} does not say which data it was trained on: pass --data with --verify")
+        print(contract_text(info, onnx=False))
     else:
+        if args.verify:  # find the data before the export, so a missing folder fails at once
+            if not (args.data or state.get("data") or state.get("data_root")):
+                raise ValueError(f"{source} does not say which data it was trained on: pass --data with --verify")
+            data = _source(args) if args.data else _trained_on(state)
+            category = args.category or state["category"]
         out = Path(args.out)
         info = export_onnx(model, state, out, opset=args.opset or ONNX_OPSET)
-    print(contract_text(info))
+        print(contract_text(info))
     print(f"wrote {out} ({file_size_text(out)}; the checkpoint {source} is {file_size_text(source)})")
     if "check" in info:
         check = info["check"]
@@ -327,14 +334,14 @@ def cmd_export(args: argparse.Namespace) -> int:
             from .data import TestDataset
             from .export import OnnxModel, compare
 
-            data = _source(args) if args.data else _trained_on(state)
-            category = args.category or state["category"]
-            agreement = compare(model, OnnxModel(out), TestDataset(data, category, model.cfg.image_size))
+            dataset = TestDataset(data, category, model.cfg.image_size, skip_bad=args.skip_bad)
+            agreement = compare(model, OnnxModel(out), dataset)
             print(f"onnxruntime against torch on the test split of {category}: {agreement.summary()}")
+            if agreement.problems():
+                print(f"error: {out} is not the same model: {'; '.join(agreement.problems())}", file=sys.stderr)
+                return 1
         print(f"run it: dmdd predict --model {out} --input FOLDER --out preds")
     else:
-        if args.verify:
-            raise ValueError("--verify is for --format onnx (a torch model file holds the same weights)")
         print(f"run it: dmdd predict --checkpoint {out} --input FOLDER --out preds")
     return 0
 
@@ -409,12 +416,14 @@ def _show_warning(message, category, filename, lineno, file=None, line=None) -> 
 
 
 def main(argv: list[str] | None = None) -> int:
+    from .export import MissingExtra
+
     args = build_parser().parse_args(argv)
     warnings.showwarning = _show_warning
     started = time.perf_counter()
     try:
         code = COMMANDS[args.command](args)
-    except (FileNotFoundError, ValueError, RuntimeError, ImportError) as err:
+    except (FileNotFoundError, ValueError, RuntimeError, MissingExtra) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

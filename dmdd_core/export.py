@@ -38,8 +38,9 @@ if TYPE_CHECKING:
     from .data import LabelledDataset
 
 ONNX_OPSET = 18
-"""The ONNX opset of every export: the newest that ``torch.onnx``'s exporter and onnxruntime >= 1.16 both cover
-fully (Resize, TopK, ReduceMean and the convolutions used here); any ONNX runtime of 2023 or later runs it."""
+"""The ONNX opset of every export unless ``--opset`` says otherwise (tested with onnxruntime 1.32)."""
+MAP_TOLERANCE = 1e-4
+"""The largest map difference between onnxruntime and torch an export accepts (maps are in [0, 1])."""
 MODEL_KIND = "model"
 """``kind`` of a weights-only model file (a training checkpoint has none)."""
 INPUT_NAME = "image"
@@ -47,6 +48,10 @@ OUTPUT_NAMES = ("anomaly_map", "score")
 CONTRACT_KEY = "dmdd.contract"
 """The metadata entry of an exported ONNX model that holds :func:`contract` as JSON."""
 DEPLOY_EXTRA = "pip install 'dmdd-core[deploy]' (onnx, onnxscript, onnxruntime)"
+
+
+class MissingExtra(ImportError):
+    """A package of the ``deploy`` extra is not installed (the message says how to install it)."""
 
 
 class InferenceGraph(nn.Module):
@@ -106,11 +111,19 @@ def contract(model: DMDD, state: dict[str, Any], opset: int = ONNX_OPSET) -> dic
     }
 
 
-def contract_text(info: dict[str, Any]) -> str:
-    """The contract as a few readable lines."""
+def contract_text(info: dict[str, Any], onnx: bool = True) -> str:
+    """The contract as a few readable lines (``onnx`` False: the lines true of a torch model file)."""
     i, o = info["input"], info["outputs"]
     norm = i["normalisation"]
     thresholds = info.get("thresholds")
+    if not onnx:
+        return "\n".join([
+            f"input: RGB in [0, 1], {i['shape'][-1]} x {i['shape'][-1]} (dmdd predict resizes); the model normalises",
+            "thresholds: " + (f"image {thresholds['image']:.6g}, pixel {thresholds['pixel']:.6g} (validation split)"
+                              if thresholds else "none (trained without a validation split)"),
+            f"dmdd {info['dmdd_version']}; teacher {info['teacher']['name']}; category {info.get('category')}; "
+            f"{info.get('trained_steps')} training steps",
+        ])
     lines = [
         f"input  {i['name']}: float32 {'x'.join(str(d) for d in i['shape'])}, RGB in [0, 1] "
         f"({i['resize']}); normalisation inside the graph (mean {norm['mean']}, std {norm['std']})",
@@ -130,14 +143,17 @@ def _require(module: str) -> Any:
     try:
         return importlib.import_module(module)
     except ImportError as err:
-        raise ImportError(f"{module} is not installed: {DEPLOY_EXTRA}") from err
+        raise MissingExtra(f"{module} is not installed: {DEPLOY_EXTRA}") from err
 
 
 def export_onnx(model: DMDD, state: dict[str, Any], out: str | Path, *, opset: int = ONNX_OPSET) -> dict[str, Any]:
     """Write the inference graph of ``model`` to ``out`` (ONNX, dynamic batch, opset ``opset``) with
     :func:`contract` in its metadata (key :data:`CONTRACT_KEY`, plus one plain entry per input and output field
     for tools that show metadata); check that onnxruntime reproduces the torch model on two random images.
-    Returns the contract with the check's figures under ``"check"``."""
+    Returns the contract with the check's figures under ``"check"``; raises ValueError (and writes nothing) when
+    they differ by more than :data:`MAP_TOLERANCE`. ``model`` is moved to the CPU in float32, in place."""
+    if tuple(int(p) for p in torch.__version__.split(".")[:2]) < (2, 5):
+        raise MissingExtra(f"dmdd export needs torch >= 2.5 (its ONNX exporter); this is torch {torch.__version__}")
     _require("onnxscript")
     onnx = _require("onnx")
     out = Path(out)
@@ -149,33 +165,38 @@ def export_onnx(model: DMDD, state: dict[str, Any], out: str | Path, *, opset: i
     batch = torch.export.Dim("batch", min=1, max=4096)
     tmp = out.with_name(out.name + ".tmp")
     chatter = io.StringIO()  # the exporter narrates each of its passes on stdout: shown only if it fails
-    try:
-        with contextlib.redirect_stdout(chatter):
-            torch.onnx.export(graph, (example,), tmp, input_names=[INPUT_NAME], output_names=list(OUTPUT_NAMES),
-                              opset_version=opset, dynamo=True, dynamic_shapes=({0: batch},), external_data=False,
-                              verbose=False)
-    except Exception:
-        print(chatter.getvalue(), end="")
-        tmp.unlink(missing_ok=True)
-        raise
     info = contract(model, state, opset)
-    proto = onnx.load(str(tmp))
-    entries = {CONTRACT_KEY: json.dumps(info), "dmdd.input": contract_text(info).splitlines()[0],
-               "dmdd.thresholds": json.dumps(info["thresholds"]), "dmdd.image_size": str(size)}
-    for key, value in entries.items():
-        prop = proto.metadata_props.add()
-        prop.key, prop.value = key, value
-    proto.producer_name = "dmdd-core"
-    proto.producer_version = __version__
-    onnx.checker.check_model(proto)
-    onnx.save(proto, str(tmp))
-    os.replace(tmp, out)
-    runner = OnnxModel(out)
-    maps, scores = runner(example.numpy())
-    with torch.no_grad():
-        ref_maps, ref_scores = graph(example)
-    info["check"] = {"images": 2, "max_map_difference": float(np.abs(maps - ref_maps[:, 0].numpy()).max()),
-                     "max_score_difference": float(np.abs(scores - ref_scores.numpy()).max())}
+    try:
+        try:
+            with contextlib.redirect_stdout(chatter):
+                torch.onnx.export(graph, (example,), tmp, input_names=[INPUT_NAME], output_names=list(OUTPUT_NAMES),
+                                  opset_version=opset, dynamo=True, dynamic_shapes=({0: batch},),
+                                  external_data=False, verbose=False)
+        except Exception:
+            print(chatter.getvalue(), end="")
+            raise
+        proto = onnx.load(str(tmp))
+        entries = {CONTRACT_KEY: json.dumps(info), "dmdd.input": contract_text(info).splitlines()[0],
+                   "dmdd.thresholds": json.dumps(info["thresholds"]), "dmdd.image_size": str(size)}
+        for key, value in entries.items():
+            prop = proto.metadata_props.add()
+            prop.key, prop.value = key, value
+        proto.producer_name = "dmdd-core"
+        proto.producer_version = __version__
+        onnx.checker.check_model(proto)
+        onnx.save(proto, str(tmp))
+        maps, scores = OnnxModel(tmp)(example.numpy())
+        with torch.no_grad():
+            ref_maps, ref_scores = graph(example)
+        info["check"] = {"images": 2, "max_map_difference": float(np.abs(maps - ref_maps[:, 0].numpy()).max()),
+                         "max_score_difference": float(np.abs(scores - ref_scores.numpy()).max())}
+        if not info["check"]["max_map_difference"] <= MAP_TOLERANCE:
+            raise ValueError(f"the ONNX export of this model differs from torch by up to "
+                             f"{info['check']['max_map_difference']:.2e} in a map pixel (tolerance {MAP_TOLERANCE}); "
+                             f"{out} was not written. Try another --opset, or the torch model file (--format torch)")
+        os.replace(tmp, out)
+    finally:
+        tmp.unlink(missing_ok=True)
     return info
 
 
@@ -186,7 +207,7 @@ def export_torch(state: dict[str, Any], out: str | Path) -> Path:
     from it (``dmdd evaluate`` / ``dmdd predict --checkpoint model.pt``); it cannot resume training."""
     from .train import CHECKPOINT_FORMAT, atomic_save
 
-    keep = ("config", "teacher", "model", "precision", "category", "data", "step", "synthesis_version")
+    keep = ("config", "teacher", "model", "precision", "category", "data", "data_root", "step", "synthesis_version")
     model_file = {"format": CHECKPOINT_FORMAT, "kind": MODEL_KIND, **{k: state[k] for k in keep if k in state},
                   "validation": {"thresholds": (state.get("validation") or {}).get("thresholds")}}
     model_file["model"] = {k: v.float() if v.is_floating_point() else v for k, v in model_file["model"].items()}
@@ -200,7 +221,7 @@ class OnnxModel:
     """An exported model run by onnxruntime on CPU: ``model(images)`` -> anomaly maps (N,S,S) and scores (N,),
     numpy float32. ``images``: (N,3,S,S) RGB floats in [0, 1] (numpy or torch). ``threads``: onnxruntime's
     intra-op threads (default: its own choice). :attr:`contract`, :attr:`image_size` and :attr:`thresholds` come
-    from the model's metadata, so nothing of this package's model code is needed to run it."""
+    from the model's metadata; only onnxruntime runs the model (the README shows the same without this class)."""
 
     def __init__(self, path: str | Path, threads: int | None = None) -> None:
         ort = _require("onnxruntime")
@@ -215,7 +236,8 @@ class OnnxModel:
         try:
             self.session = ort.InferenceSession(str(self.path), options, providers=["CPUExecutionProvider"])
         except Exception as err:  # noqa: BLE001 - onnxruntime raises its own types for unreadable files
-            raise ValueError(f"cannot load {self.path} as an ONNX model ({err})") from err
+            hint = " (a torch checkpoint or model file: pass it as --checkpoint)" if self.path.suffix == ".pt" else ""
+            raise ValueError(f"cannot load {self.path} as an ONNX model{hint} ({err})") from err
         meta = self.session.get_modelmeta().custom_metadata_map
         if CONTRACT_KEY not in meta:
             raise ValueError(f"{self.path} has no {CONTRACT_KEY} metadata: it was not written by dmdd export")
@@ -248,6 +270,16 @@ class Agreement:
     torch_seconds: float
     onnx_seconds: float
 
+    def problems(self, tolerance: float = MAP_TOLERANCE) -> list[str]:
+        """What keeps the export from being the same model: maps further apart than ``tolerance``, or image AUROCs
+        that differ at 4 decimals. Empty when it is."""
+        found = []
+        if not self.max_map_difference <= tolerance:
+            found.append(f"maps differ by up to {self.max_map_difference:.2e} (tolerance {tolerance})")
+        if round(self.torch_image_auroc, 4) != round(self.onnx_image_auroc, 4):
+            found.append(f"image AUROC {self.onnx_image_auroc:.4f} against torch's {self.torch_image_auroc:.4f}")
+        return found
+
     def summary(self) -> str:
         return (f"{self.images} images: max |map difference| {self.max_map_difference:.2e}, max |score difference| "
                 f"{self.max_score_difference:.2e}; image AUROC torch {self.torch_image_auroc:.4f}, onnxruntime "
@@ -256,7 +288,7 @@ class Agreement:
 
 def compare(model: DMDD, onnx_model: OnnxModel, dataset: LabelledDataset, batch_size: int = 16) -> Agreement:
     """Run the torch model and the ONNX model over a labelled split (e.g. ``TestDataset``) and compare maps, scores
-    and image AUROC."""
+    and image AUROC. ``model`` is moved to the CPU in float32, in place."""
     from torch.utils.data import DataLoader
 
     from .infer import predict_batch

@@ -18,12 +18,13 @@ from torch.utils.data import Subset
 from dmdd_core.cli import main
 from dmdd_core.config import DMDDConfig
 from dmdd_core.data import TestDataset, open_source
-from dmdd_core.export import CONTRACT_KEY, InferenceGraph, OnnxModel, compare
+from dmdd_core.export import CONTRACT_KEY, Agreement, InferenceGraph, OnnxModel, compare
 from dmdd_core.fit import TrainResult
 from dmdd_core.model import DMDD, Teacher
 from dmdd_core.train import CHECKPOINT_NAME, RunState, load_checkpoint
 
-pytest.importorskip("onnxruntime", reason="the deploy extra (onnx, onnxscript, onnxruntime) is not installed")
+for _module in ("onnx", "onnxscript", "onnxruntime"):
+    pytest.importorskip(_module, reason="the deploy extra (onnx, onnxscript, onnxruntime) is not installed")
 
 
 @pytest.fixture(scope="module")
@@ -172,3 +173,22 @@ def test_weights_only_model_file_round_trip(smoke_run: TrainResult, builtin_root
     (run / CHECKPOINT_NAME).write_bytes(out.read_bytes())
     with pytest.raises(ValueError, match="weights-only model file"):
         RunState.restore(run / CHECKPOINT_NAME, model.cfg, torch.device("cpu"))
+
+
+def test_agreement_names_what_differs() -> None:
+    same = Agreement(60, 3e-7, 2e-7, 0.82, 0.82, 1.0, 1.0)
+    assert same.problems() == []
+    apart = Agreement(60, 2e-3, 1e-3, 0.82001, 0.81990, 1.0, 1.0)
+    assert [p.split(" ")[0] for p in apart.problems()] == ["maps", "image"]
+
+
+def test_export_options_that_do_not_apply_fail_before_writing(smoke_run: TrainResult, tmp_path: Path,
+                                                              capsys: pytest.CaptureFixture[str]) -> None:
+    out = tmp_path / "model.pt"
+    for extra in (["--verify"], ["--opset", "17"]):
+        assert main(["export", "--checkpoint", str(smoke_run.checkpoint), "--format", "torch", "--out", str(out),
+                     *extra]) == 2
+        assert "are for --format onnx" in capsys.readouterr().err and not out.exists()
+    assert main(["predict", "--checkpoint", str(tmp_path / "model.onnx"), "--input", str(tmp_path),
+                 "--out", str(tmp_path / "preds")]) == 2
+    assert "pass it as --model" in capsys.readouterr().err
