@@ -122,9 +122,10 @@ SYNTHESIS_VARIANTS: tuple[Variant, ...] = (
             {**dict.fromkeys(_ALL_SOURCES, 0.0), "synth_texture": 1.0}, "ours: the preset's shares"),
     Variant("synth_all", "synthesis: textures 0.4, patches, strokes, brightness 0.2 each", "ours", _ALL_SOURCES,
             "ours: the preset's shares"),
-    *(Variant(f"synth_no_{name.removeprefix('synth_')}", f"synthesis: all but {name.removeprefix('synth_')}s",
-              "ours", {**_ALL_SOURCES, name: 0.0}, "ours: the preset's shares")
-      for name in ("synth_patch", "synth_stroke", "synth_brightness")),
+    *(Variant(f"synth_no_{name.removeprefix('synth_')}", f"synthesis: all but {plural}", "ours",
+              {**_ALL_SOURCES, name: 0.0}, "ours: the preset's shares")
+      for name, plural in (("synth_patch", "patches"), ("synth_stroke", "strokes"),
+                           ("synth_brightness", "brightness changes"))),
 )
 """The synthesis sources (METHOD.md section 1), each setting all four shares: textures alone (the paper's recipe),
 all four, and all four but one. Judge them on data that did not choose them (ELPV poly, the built-in set)."""
