@@ -473,6 +473,8 @@ def reading(diff: Mapping[str, Any] | None, alpha: float = 0.05) -> str:
     """A plain-words reading of a paired difference: 'higher'/'lower' only when the paired test says so."""
     if not diff or diff.get("mean") is None:
         return "–"
+    if len(diff.get("seeds") or ()) == 1:
+        return "one seed: untested"
     p = diff.get("p")
     if p is None or p >= alpha:
         return "within seed noise"
@@ -498,6 +500,8 @@ def _delta(diff: Mapping[str, Any] | None) -> str:
     if not diff or diff.get("mean") is None:
         return "–"
     p = diff.get("p")
+    if len(diff.get("seeds") or ()) == 1:  # one paired difference: no spread to show
+        return f"{diff['mean']:+.2f}"
     return f"{diff['mean']:+.2f} ± {diff['std']:.2f}" + (f" (p={p:.2f})" if p is not None else "")
 
 
@@ -530,7 +534,8 @@ def ablation_markdown(rows: Sequence[Mapping[str, Any]], meta: Mapping[str, Any]
         lines += ["", "## The baselines on the same test splits (percent; no training)", ""]
         lines += markdown_table(["baseline", *heads, "fit s per category"], baselines)
     lines += ["", "Δ: the variant minus the reference (DeSTSeg for the paper's form, full DMDD for our choices), paired "
-              "by seed: mean ± std of the per-seed differences; p: paired t-test, two-sided. 'within seed noise': "
+              "by seed: mean ± std of the per-seed differences (the difference alone with one seed, untested); p: paired "
+              "t-test, two-sided. 'within seed noise': "
               "p ≥ 0.05, or too few seeds to tell."]
     return "\n".join(lines)
 

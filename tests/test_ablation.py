@@ -111,6 +111,8 @@ def test_reading_only_ranks_what_the_paired_test_supports() -> None:
     assert reading({"mean": -5.0, "p": 0.01}) == "lower"
     assert reading({"mean": 5.0, "p": 0.2}) == "within seed noise"
     assert reading({"mean": 5.0, "p": None}) == "within seed noise"
+    assert reading({"mean": 5.0, "std": 0.0, "p": None, "seeds": [0]}) == "one seed: untested"
+    assert reading({"mean": 5.0, "std": 0.0, "p": None, "seeds": [0, 1]}) == "within seed noise"
     assert reading(None) == "–"
 
 
