@@ -116,11 +116,13 @@ def contract_text(info: dict[str, Any], onnx: bool = True) -> str:
     i, o = info["input"], info["outputs"]
     norm = i["normalisation"]
     thresholds = info.get("thresholds")
+    thresholds_line = "thresholds: " + (f"image {thresholds['image']:.6g}, pixel {thresholds['pixel']:.6g} "
+                                        "(validation split)" if thresholds else
+                                        "none (trained without a validation split)")
     if not onnx:
         return "\n".join([
             f"input: RGB in [0, 1], {i['shape'][-1]} x {i['shape'][-1]} (dmdd predict resizes); the model normalises",
-            "thresholds: " + (f"image {thresholds['image']:.6g}, pixel {thresholds['pixel']:.6g} (validation split)"
-                              if thresholds else "none (trained without a validation split)"),
+            thresholds_line,
             f"dmdd {info['dmdd_version']}; teacher {info['teacher']['name']}; category {info.get('category')}; "
             f"{info.get('trained_steps')} training steps",
         ])
@@ -129,8 +131,7 @@ def contract_text(info: dict[str, Any], onnx: bool = True) -> str:
         f"({i['resize']}); normalisation inside the graph (mean {norm['mean']}, std {norm['std']})",
         f"output anomaly_map: {'x'.join(str(d) for d in o['anomaly_map']['shape'])} in [0, 1]",
         f"output score: N ({o['score']['meaning']})",
-        "thresholds: " + (f"image {thresholds['image']:.6g}, pixel {thresholds['pixel']:.6g} (validation split)"
-                          if thresholds else "none (trained without a validation split)"),
+        thresholds_line,
         f"opset {info['opset']}; dmdd {info['dmdd_version']}; teacher {info['teacher']['name']}; "
         f"category {info.get('category')}; {info.get('trained_steps')} training steps",
     ]

@@ -63,16 +63,24 @@ def execute(path: Path, target: Path, timeout: int) -> float:
     return time.perf_counter() - started
 
 
+def _relative_target(m: re.Match[str], page: PurePosixPath) -> tuple[PurePosixPath, str] | None:
+    """A link's target as a repository path and its anchor; None for an absolute URL, an anchor or a root path."""
+    target = m.group(2)
+    if re.match(r"^[a-z]+:|^#|^/", target):
+        return None
+    path, _, anchor = target.partition("#")
+    return PurePosixPath(os.path.normpath(str(page.parent / path))), anchor
+
+
 def rewrite_links(text: str, page: PurePosixPath, pages: set[PurePosixPath], repo: str) -> str:
     """Keep links to the site's own pages and pictures; point links to other files of the repository at it. ``page``
     is the file's path in the repository, which is also its path in the site's source."""
 
     def fix(m: re.Match[str]) -> str:
-        target = m.group(2)
-        if re.match(r"^[a-z]+:|^#|^/", target):
+        found = _relative_target(m, page)
+        if found is None:
             return m.group(0)
-        path, _, anchor = target.partition("#")
-        resolved = PurePosixPath(os.path.normpath(str(page.parent / path)))
+        resolved, anchor = found
         if resolved in pages or resolved.suffix == ".png" or str(resolved).startswith("..") or \
                 not (ROOT / resolved).exists():  # a page, a picture (copied), or nothing of the repository
             return m.group(0)
@@ -101,11 +109,10 @@ def localise(text: str, page: PurePosixPath, pages: set[PurePosixPath]) -> str:
     here = page_url(page)
 
     def fix(m: re.Match[str]) -> str:
-        target = m.group(2)
-        if re.match(r"^[a-z]+:|^#|^/", target):
+        found = _relative_target(m, page)
+        if found is None:
             return m.group(0)
-        path, _, anchor = target.partition("#")
-        resolved = PurePosixPath(os.path.normpath(str(page.parent / path)))
+        resolved, anchor = found
         if resolved not in pages and resolved.suffix != ".png":
             return m.group(0)
         url = os.path.relpath(page_url(resolved) or ".", here) + ("/" if resolved in pages else "")
